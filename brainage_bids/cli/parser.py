@@ -1,0 +1,236 @@
+"""The BIDS-App command line: argparse, validators, and the one frozen :class:`Settings`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from brainage_bids import __version__
+from brainage_bids.config import (
+    ATTENTION_VARIANTS,
+    BIAS_METHODS,
+    DEVICES,
+    LEVELS,
+    LOSSES,
+    PREPROC_BACKENDS,
+    Settings,
+)
+
+
+class UsageError(Exception):
+    """A mistake in the command line: reported in one line, exit code 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {value}")
+    return value
+
+
+def _label(prefix: str):
+    def strip(text: str) -> str:
+        label = text.removeprefix(f"{prefix}-")
+        if not label or not label.isalnum():
+            raise argparse.ArgumentTypeError(
+                f"{prefix} labels are alphanumeric (with or without '{prefix}-'), got {text!r}")
+        return label
+    strip.__name__ = f"{prefix} label"
+    return strip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser; its help text is the reference for every option."""
+    parser = argparse.ArgumentParser(
+        prog="brainage-bids",
+        description=(
+            "brainage-bids: brain age from T1-weighted MRI with a weight-shared "
+            "spatial-attention 3D CNN (Kancharla & Sinha, 2024), as a BIDS App. "
+            "Run 'participant' to preprocess and predict each T1w image, then 'group' to "
+            "gather brain-age-gap tables and reports; 'train' fits the model to your own "
+            "cohort from participants.tsv."),
+        epilog="Documentation: docs/usage.md. Report problems with the log in OUTPUT_DIR/logs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("bids_dir", type=Path,
+                        help="the root of the BIDS dataset (read only, never written)")
+    parser.add_argument("output_dir", type=Path,
+                        help="where derivatives go (must not be inside bids_dir)")
+    parser.add_argument("analysis_level", choices=LEVELS,
+                        help="participant: per-image preprocessing and prediction; group: "
+                             "tables and reports over all participants; train: fit a model")
+    parser.add_argument("--version", action="version", version=f"brainage-bids {__version__}")
+
+    sel = parser.add_argument_group("selecting data")
+    sel.add_argument("--participant-label", "--participant_label", nargs="+", default=[],
+                     type=_label("sub"), metavar="LABEL",
+                     help="participants to process (with or without 'sub-'); default: all")
+    sel.add_argument("--session-label", nargs="+", default=[], type=_label("ses"),
+                     metavar="LABEL", help="sessions to process (with or without 'ses-')")
+    sel.add_argument("--bids-filter-file", type=Path, metavar="FILE",
+                     help="JSON of pybids entity filters for the T1w query, e.g. "
+                          '{"t1w": {"acquisition": "mprage"}}')
+    sel.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
+                     help="do not require dataset_description.json and BIDS validity")
+
+    perf = parser.add_argument_group("performance")
+    perf.add_argument("-w", "--work-dir", type=Path, default=None,
+                      help="intermediate files; reuse it to resume (default: OUTPUT_DIR/../work)")
+    perf.add_argument("--nprocs", "--n-cpus", type=_positive_int, default=os.cpu_count() or 1,
+                      help="images processed in parallel (nipype MultiProc)")
+    perf.add_argument("--omp-nthreads", type=_positive_int, default=None,
+                      help="threads per process (ANTs/torch); default: nprocs, at most 8")
+    perf.add_argument("--mem-gb", type=_positive_float, default=None,
+                      help="memory limit for nipype's scheduler")
+    perf.add_argument("--device", choices=DEVICES, default="auto",
+                      help="where the model runs")
+
+    model = parser.add_argument_group("preprocessing and model")
+    model.add_argument("--preproc", choices=PREPROC_BACKENDS, default="auto",
+                       help="fsl: FSL bet + flirt (as in the paper); ants: pure-pip ANTs "
+                            "backend; auto: fsl when bet and flirt are on PATH, else ants")
+    model.add_argument("--model", default="default", metavar="PATH|NAME",
+                       help="a shipped model name, or a model file/directory written by the "
+                            "train level")
+    model.add_argument("--mc-samples", type=_positive_int, default=20,
+                       help="Monte-Carlo dropout samples for the uncertainty")
+    model.add_argument("--no-saliency", dest="saliency", action="store_false",
+                       help="skip Grad-CAM and attention maps")
+    model.add_argument("--no-reports", dest="reports", action="store_false",
+                       help="skip HTML reports")
+    model.add_argument("--seed", type=int, default=42, help="random seed (recorded in logs)")
+
+    train = parser.add_argument_group("train level")
+    train.add_argument("--epochs", type=_positive_int, default=250, help="as the paper")
+    train.add_argument("--batch-size", type=_positive_int, default=4)
+    train.add_argument("--lr", type=_positive_float, default=1e-4, help="Adam learning rate")
+    train.add_argument("--loss", choices=LOSSES, default="l1")
+    train.add_argument("--val-fraction", type=_fraction, default=0.2,
+                       help="validation share, stratified by age")
+    train.add_argument("--attention", choices=ATTENTION_VARIANTS, default="shared",
+                       help="the paper's ablation variants")
+    train.add_argument("--patience", type=_positive_int, default=None,
+                       help="early stopping after this many epochs without a better "
+                            "validation MAE (default: off)")
+    train.add_argument("--no-augment", dest="augment", action="store_false",
+                       help="train without data augmentation")
+    train.add_argument("--resume", action="store_true",
+                       help="continue an interrupted training run from its work-dir checkpoint")
+    train.add_argument("--model-name", default=None,
+                       help="file name stem of the trained model (default: from the dataset)")
+
+    group = parser.add_argument_group("group level")
+    group.add_argument("--bias-method", choices=BIAS_METHODS, default="beheshti",
+                       help="bias correction reported as the main corrected gap")
+    group.add_argument("--bias-reference", default=None, metavar="COLUMN=VALUE",
+                       help="fit the bias correction on participants with this "
+                            "participants.tsv value (e.g. group=control) instead of the "
+                            "model card's coefficients")
+
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging (-vv for debug)")
+    return parser
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    try:
+        path.relative_to(parent)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_filters(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        filters = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--bids-filter-file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"--bids-filter-file {path} is not valid JSON: {err}") from None
+    if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
+        raise UsageError(
+            f'--bids-filter-file {path} must map a query name to entity filters, e.g. '
+            '{"t1w": {"acquisition": "mprage"}}')
+    return filters
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """Parse ``argv`` and check the paths; raise :class:`UsageError` on a user mistake."""
+    args = build_parser().parse_args(argv)
+    bids_dir = args.bids_dir.expanduser().resolve()
+    output_dir = args.output_dir.expanduser().resolve()
+    if not bids_dir.is_dir():
+        raise UsageError(f"BIDS directory {args.bids_dir} does not exist or is not a directory")
+    if not args.skip_bids_validation and not (bids_dir / "dataset_description.json").is_file():
+        raise UsageError(
+            f"{args.bids_dir} has no dataset_description.json, so it is not a BIDS dataset "
+            "(use --skip-bids-validation to run anyway)")
+    if _inside(output_dir, bids_dir):
+        raise UsageError(
+            f"output directory {args.output_dir} is inside the BIDS directory; choose a "
+            "directory outside it (the input dataset is never written)")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"output directory {args.output_dir} exists and is not a directory")
+    work_dir = (args.work_dir.expanduser().resolve() if args.work_dir
+                else output_dir.parent / f"{output_dir.name}_work")
+    if _inside(work_dir, bids_dir):
+        raise UsageError(f"work directory {work_dir} is inside the BIDS directory")
+    omp = args.omp_nthreads or min(args.nprocs, 8)
+    return Settings(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        analysis_level=args.analysis_level,
+        participant_label=tuple(dict.fromkeys(args.participant_label)),
+        session_label=tuple(dict.fromkeys(args.session_label)),
+        bids_filters=_read_filters(args.bids_filter_file),
+        work_dir=work_dir,
+        nprocs=args.nprocs,
+        omp_nthreads=omp,
+        mem_gb=args.mem_gb,
+        skip_bids_validation=args.skip_bids_validation,
+        preproc=args.preproc,
+        model=args.model,
+        device=args.device,
+        seed=args.seed,
+        verbose=args.verbose,
+        mc_samples=args.mc_samples,
+        saliency=args.saliency,
+        reports=args.reports,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        loss=args.loss,
+        val_fraction=args.val_fraction,
+        attention=args.attention,
+        resume=args.resume,
+        patience=args.patience,
+        augment=args.augment,
+        model_name=args.model_name,
+        bias_method=args.bias_method,
+        bias_reference=args.bias_reference,
+    )

@@ -1,0 +1,185 @@
+"""``brainage-bids``: dispatch to the participant, group and train levels.
+
+Exit codes: 0 success, 1 a runtime failure (some image failed, a model could not load),
+2 a usage error (argparse, paths). User mistakes end with one line on stderr, never a
+traceback; ``-vv`` shows tracebacks for debugging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from brainage_bids.cli.parser import UsageError, parse_settings
+from brainage_bids.config import Settings, write_settings
+
+LOG = logging.getLogger("brainage_bids")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class RunError(Exception):
+    """A failure to report in one line (exit code 1)."""
+
+
+def _setup_logging(settings: Settings) -> None:
+    level = logging.WARNING - 10 * min(settings.verbose + 1, 2)  # INFO by default, -v DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s",
+                                           "%H:%M:%S"))
+    root = logging.getLogger("brainage_bids")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    log_file = logging.FileHandler(settings.logs_dir / f"brainage-{settings.run_uuid}.log")
+    log_file.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+    root.addHandler(log_file)
+    nipype_level = logging.INFO if settings.verbose >= 2 else logging.WARNING
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        logging.getLogger(name).setLevel(nipype_level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``brainage-bids`` console script."""
+    try:
+        settings = parse_settings(argv)
+    except UsageError as err:
+        print(f"brainage-bids: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    # nipype asks a web service for updates on import unless told not to; runs are offline.
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    try:
+        settings.output_dir.mkdir(parents=True, exist_ok=True)
+        _setup_logging(settings)
+        write_settings(settings)
+        if settings.analysis_level == "participant":
+            return run_participant(settings)
+        if settings.analysis_level == "group":
+            from brainage_bids.group import run_group
+
+            return run_group(settings)
+        return run_train(settings)
+    except KeyboardInterrupt:
+        print("brainage-bids: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if settings.verbose >= 2:
+            raise
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"brainage-bids: error: {message}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _select_images(settings: Settings):
+    from brainage_bids.bids import collect_t1w, load_layout
+
+    layout = load_layout(settings.bids_dir, validate=not settings.skip_bids_validation)
+    images = collect_t1w(layout, participant_label=settings.participant_label,
+                         session_label=settings.session_label, filters=settings.bids_filters)
+    LOG.info("found %d T1w image(s) of %d participant(s)", len(images),
+             len({i.subject for i in images}))
+    return images
+
+
+def _resolve_model(spec: str, device: str) -> tuple[str, dict]:
+    """Load the model once up front so that a bad ``--model`` fails before any work."""
+    from brainage_bids.model.weights import load_model
+
+    path = Path(spec).expanduser()
+    resolved = str(path.resolve()) if path.exists() else spec
+    _, card = load_model(resolved, device="cpu")
+    LOG.info("model %s (sha256 %s)", card.get("name"), str(card.get("sha256"))[:12])
+    return resolved, card
+
+
+def run_participant(settings: Settings) -> int:
+    from brainage_bids.bids import write_dataset_description
+    from brainage_bids.workflows.participant import init_participant_wf
+    from brainage_bids.workflows.preproc import resolve_backend
+
+    images = _select_images(settings)
+    backend = resolve_backend(settings.preproc)
+    model, card = _resolve_model(settings.model, settings.device)
+    architecture = card.get("architecture", {})
+    is_attention_net = architecture.get("name", "BrainAgeNet") == "BrainAgeNet"
+    LOG.info("preprocessing backend: %s", backend)
+    write_dataset_description(settings.output_dir, settings.bids_dir)
+    workflow = init_participant_wf(
+        images=images, bids_dir=settings.bids_dir, output_dir=settings.output_dir,
+        work_dir=settings.work_dir, backend=backend, omp_nthreads=settings.omp_nthreads,
+        model=model, device=settings.device, mc_samples=settings.mc_samples,
+        seed=settings.seed, gradcam=settings.saliency and is_attention_net,
+        attention=architecture.get("attention", "none") != "none")
+    failures = execute(workflow, settings)
+    summary = summarise_participants(images, settings, failures)
+    if settings.reports:
+        from brainage_bids.reports.render import write_participant_reports
+
+        write_participant_reports(settings.output_dir, images, failures)
+    return EXIT_FAILURE if summary["failed"] else EXIT_OK
+
+
+def execute(workflow, settings: Settings) -> dict[str, str]:
+    """Run a nipype workflow; return ``{image node name: first error line}`` of failures."""
+    from brainage_bids.workflows.execution import collect_failures, run_workflow
+
+    started = time.time()
+    crash_dir = settings.logs_dir / "crashes"
+    ok = run_workflow(workflow, crash_dir=crash_dir, nprocs=settings.nprocs,
+                      mem_gb=settings.mem_gb)
+    failures = {} if ok else collect_failures(crash_dir, since=started)
+    if not ok and not failures:
+        failures = {"*": "the workflow failed; see the log in " + str(settings.logs_dir)}
+    return failures
+
+
+def summarise_participants(images, settings: Settings, failures: dict[str, str]) -> dict:
+    """Print one line per image, write ``logs/summary-<uuid>.json``, count failures."""
+    import json
+
+    from brainage_bids.derivatives import derivative_path
+    from brainage_bids.io import atomic_write_json
+
+    rows = []
+    for image in images:
+        record_path = derivative_path(settings.output_dir, image.entities, suffix="brainage",
+                                      extension=".json")
+        error = failures.get(image.node_name) or failures.get("*")
+        if error is None and record_path.is_file():
+            record = json.loads(record_path.read_text())
+            rows.append({"image": image.name, "status": "ok",
+                         "predicted_age": record["predicted_age"],
+                         "chronological_age": record["chronological_age"],
+                         "record": str(record_path.relative_to(settings.output_dir))})
+        else:
+            rows.append({"image": image.name, "status": "failed",
+                         "error": error or "no brain-age record was written"})
+    failed = [r for r in rows if r["status"] == "failed"]
+    for row in rows:
+        if row["status"] == "ok":
+            age = row["chronological_age"]
+            known = f" (age {age:g})" if age is not None else ""
+            LOG.info("%s: predicted age %.1f%s", row["image"], row["predicted_age"], known)
+        else:
+            LOG.error("%s: FAILED: %s", row["image"], row["error"])
+    summary = {"level": "participant", "n_images": len(rows), "failed": len(failed),
+               "images": rows}
+    atomic_write_json(settings.logs_dir / f"summary-{settings.run_uuid}.json", summary)
+    LOG.info("%d of %d image(s) done%s", len(rows) - len(failed), len(rows),
+             f"; {len(failed)} failed (see {settings.logs_dir})" if failed else "")
+    return summary
+
+
+def run_train(settings: Settings) -> int:
+    from brainage_bids.training import train_from_bids
+
+    images = _select_images(settings)
+    card = train_from_bids(settings, images, execute=execute)
+    LOG.info("model written: %s (validation MAE %.2f years)",
+             settings.output_dir / "models" / f"{card['name']}.safetensors",
+             card["validation"]["mae"])
+    return EXIT_OK

@@ -1,0 +1,106 @@
+"""Run settings: one frozen object built once by the parser and passed down.
+
+There is no global configuration module: every function that needs a setting receives it
+as an argument, so workflows stay pure functions of their inputs and runs are reproducible
+from the ``logs/config-<uuid>.toml`` file that :func:`write_settings` leaves behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LEVELS = ("participant", "group", "train")
+PREPROC_BACKENDS = ("auto", "fsl", "ants")
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_VARIANTS = ("shared", "separate", "none")
+LOSSES = ("l1", "mse", "smoothl1")
+BIAS_METHODS = ("beheshti", "cole", "smith")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run needs to know, resolved to absolute paths and concrete values."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    participant_label: tuple[str, ...] = ()
+    session_label: tuple[str, ...] = ()
+    bids_filters: dict[str, Any] = field(default_factory=dict)
+    work_dir: Path = Path("work")
+    nprocs: int = 1
+    omp_nthreads: int = 1
+    mem_gb: float | None = None
+    skip_bids_validation: bool = False
+    preproc: str = "auto"
+    model: str = "default"
+    device: str = "auto"
+    seed: int = 42
+    verbose: int = 0
+    mc_samples: int = 20
+    saliency: bool = True
+    reports: bool = True
+    # train level
+    epochs: int = 250
+    batch_size: int = 4
+    lr: float = 1e-4
+    loss: str = "l1"
+    val_fraction: float = 0.2
+    attention: str = "shared"
+    resume: bool = False
+    patience: int | None = None
+    augment: bool = True
+    model_name: str | None = None
+    # group level
+    bias_method: str = "beheshti"
+    bias_reference: str | None = None
+    run_uuid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.output_dir / "logs"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only, for the provenance file and the JSON records."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return '""'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        # inline table of JSON strings keeps arbitrary filter values lossless
+        return json.dumps(json.dumps(value))
+    return json.dumps(str(value))
+
+
+def write_settings(settings: Settings) -> Path:
+    """Write ``logs/config-<uuid>.toml`` (atomically) for provenance, seeds included."""
+    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    target = settings.logs_dir / f"config-{settings.run_uuid}.toml"
+    lines = ["# brainage-bids run settings (None is written as an empty string)", "[settings]"]
+    lines += [f"{key} = {_toml_value(val)}" for key, val in settings.to_dict().items()]
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(target)
+    return target

@@ -1,0 +1,145 @@
+"""The nipype interface that runs the model on one preprocessed image.
+
+torch and the model code are imported inside ``_run_interface`` so that building a
+workflow (and ``brainage-bids --help``) stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from brainage_bids import __version__
+from brainage_bids.io import atomic_write_json
+
+
+class _PredictInputSpec(BaseInterfaceInputSpec):
+    brain_mni = File(exists=True, mandatory=True, desc="skull-stripped T1w, MNI 2 mm grid")
+    mask_mni = File(exists=True, mandatory=True, desc="brain mask on the same grid")
+    qc_file = File(exists=True, desc="registration QC (JSON)")
+    model = traits.Str("default", usedefault=True, desc="model name or path")
+    device = traits.Enum("auto", "cpu", "cuda", usedefault=True)
+    mc_samples = traits.Int(20, usedefault=True, desc="Monte-Carlo dropout samples")
+    seed = traits.Int(42, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True)
+    saliency = traits.Bool(True, usedefault=True, desc="write Grad-CAM and attention maps")
+    source = traits.Dict(mandatory=True, desc="participant/session/run ids, source file, "
+                                              "chronological age, preprocessing backend")
+
+
+class _PredictOutputSpec(TraitedSpec):
+    out_record = File(desc="the brain-age record (JSON)")
+    out_gradcam = File(desc="Grad-CAM per conv block, 4D (one volume per block)")
+    out_attention = File(desc="spatial-attention map (mean over the seven uses)")
+    predicted_age = traits.Float()
+
+
+class PredictBrainAge(SimpleInterface):
+    """Normalise as in training, predict, estimate uncertainty, explain, record."""
+
+    input_spec = _PredictInputSpec
+    output_spec = _PredictOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+        import numpy as np
+        import torch
+
+        from brainage_bids.metrics import apply_bias
+        from brainage_bids.model.intensity import normalise_intensity
+        from brainage_bids.model.predict import predict_age, resolve_device
+        from brainage_bids.model.weights import load_model
+
+        torch.set_num_threads(max(1, self.inputs.num_threads))
+        device = resolve_device(self.inputs.device)
+        model, card = load_model(self.inputs.model, device=device)
+        brain = nib.load(self.inputs.brain_mni)
+        mask = np.asanyarray(nib.load(self.inputs.mask_mni).dataobj) > 0
+        volume = normalise_intensity(np.asanyarray(brain.dataobj), mask)
+        pred = predict_age(model, volume, mc_samples=self.inputs.mc_samples,
+                           seed=self.inputs.seed, device=device)
+
+        source = dict(self.inputs.source)
+        age = source.get("age")
+        predicted = float(pred["predicted_age"])
+        record = {
+            "participant_id": f"sub-{source['subject']}",
+            "session_id": f"ses-{source['session']}" if source.get("session") else None,
+            "run": source.get("run"),
+            "source_file": source.get("source_file"),
+            "chronological_age": age,
+            "predicted_age": round(predicted, 3),
+            "brain_age_gap": None if age is None else round(predicted - float(age), 3),
+            "uncertainty": {
+                "method": pred["uncertainty_method"],
+                "samples": pred["mc_samples"],
+                "mc_mean": round(float(pred["mc_mean"]), 3),
+                "sd": round(float(pred["mc_sd"]), 3),
+            },
+            "corrected_brain_age_gap": {},
+            "qc": {},
+            "preprocessing": {
+                "backend": source.get("backend"),
+                "template": "MNI152NLin6Asym",
+                "resolution_mm": 2,
+            },
+            "model": {
+                "name": card.get("name"),
+                "sha256": card.get("sha256"),
+                "architecture": card.get("architecture", {}),
+                "training_data": card.get("training_data"),
+                "age_range": card.get("age_range"),
+            },
+            "software": {
+                "brainage_bids": __version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+        }
+        bias = card.get("bias_correction") or {}
+        if age is not None:
+            for method, coefs in bias.items():
+                if not isinstance(coefs, dict):
+                    continue
+                corrected = apply_bias(method, coefs, np.array([float(age)]),
+                                       np.array([predicted]))
+                record["corrected_brain_age_gap"][method] = round(float(corrected[0]), 3)
+        if isdefined(self.inputs.qc_file):
+            record["qc"] = json.loads(Path(self.inputs.qc_file).read_text())
+
+        out_dir = Path(runtime.cwd)
+        if self.inputs.saliency and hasattr(model, "blocks"):
+            self._write_saliency(model, volume, brain, out_dir, device)
+        out_record = atomic_write_json(out_dir / "brainage.json", record)
+        self._results["out_record"] = str(out_record)
+        self._results["predicted_age"] = predicted
+        return runtime
+
+    def _write_saliency(self, model, volume, brain, out_dir: Path, device) -> None:
+        import nibabel as nib
+        import numpy as np
+
+        from brainage_bids.model.saliency import attention_maps, gradcam_maps
+
+        affine = brain.affine
+        cams = gradcam_maps(model, volume, device=device)
+        stack = np.stack([cams[f"block{i}"] for i in range(1, 8)], axis=-1).astype(np.float32)
+        gradcam = out_dir / "gradcam.nii.gz"
+        nib.save(nib.Nifti1Image(stack, affine), gradcam)
+        self._results["out_gradcam"] = str(gradcam)
+        if getattr(model, "attention", "none") != "none":
+            maps = attention_maps(model, volume, device=device)
+            key = "mean" if "mean" in maps else sorted(maps)[0]
+            attention = out_dir / "attention.nii.gz"
+            nib.save(nib.Nifti1Image(maps[key].astype(np.float32), affine), attention)
+            self._results["out_attention"] = str(attention)

@@ -1,0 +1,1 @@
+"""nipype workflow factories (pure functions of keyword arguments)."""

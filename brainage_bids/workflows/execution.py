@@ -1,0 +1,64 @@
+"""Running nipype workflows and turning crash files into one line per failed image."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from nipype.pipeline import engine as pe
+
+_IMAGE_WF = re.compile(r"\bt1w_(?P<image>[A-Za-z0-9_]+?)_wf\b")
+
+
+def run_workflow(workflow: pe.Workflow, *, crash_dir: Path, nprocs: int,
+                 mem_gb: float | None = None) -> bool:
+    """Run ``workflow``; images that fail do not stop the others. True if all succeeded.
+
+    Nodes are cached in the workflow's base directory, so a rerun with the same work
+    directory only redoes what changed or failed.
+    """
+    crash_dir.mkdir(parents=True, exist_ok=True)
+    workflow.config["execution"] = {
+        "crashdump_dir": str(crash_dir),
+        "crashfile_format": "txt",
+        "stop_on_first_crash": False,
+        "hash_method": "content",
+        "remove_unnecessary_outputs": False,
+        "check_version": False,
+    }
+    if nprocs > 1:
+        args: dict = {"n_procs": nprocs, "raise_insufficient": False}
+        if mem_gb:
+            args["memory_gb"] = mem_gb
+        plugin = "MultiProc"
+    else:
+        plugin, args = "Linear", {}
+    try:
+        workflow.run(plugin=plugin, plugin_args=args)
+    except RuntimeError:
+        return False
+    return True
+
+
+def collect_failures(crash_dir: Path, *, since: float) -> dict[str, str]:
+    """``{image node name: error line}`` from the nipype crash files written since ``since``."""
+    failures: dict[str, str] = {}
+    for crash in sorted(crash_dir.glob("crash-*.txt"), key=lambda p: p.stat().st_mtime):
+        if crash.stat().st_mtime < since - 1:
+            continue
+        text = crash.read_text(errors="replace")
+        node = re.search(r"^Node: (\S+)", text, flags=re.MULTILINE)
+        match = _IMAGE_WF.search(node.group(1) if node else crash.name)
+        key = match.group("image") if match else "*"
+        failures.setdefault(key, _error_line(text))
+    return failures
+
+
+def _error_line(text: str) -> str:
+    """The exception message of a traceback, without the exception's module path."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        match = re.match(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception))(?:: (?P<msg>.*))?$", line)
+        if match:
+            return match.group("msg") or match.group(1)
+    return lines[-1] if lines else "unknown error"

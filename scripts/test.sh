@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The tests: set up, lint, then the whole suite (slow real-data tests included).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+ruff check .
+python -m pytest "$@"

@@ -1,0 +1,114 @@
+"""The BIDS-App command line: options, validators, one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from brainage_bids import __version__
+from brainage_bids.cli.parser import UsageError, build_parser, parse_settings
+from brainage_bids.cli.run import main
+from brainage_bids.config import write_settings
+
+
+def test_settings_are_frozen_and_resolved(sample_bids, tmp_path):
+    settings = parse_settings([str(sample_bids), str(tmp_path / "out"), "participant",
+                               "--participant-label", "sub-IXI012", "IXI013", "IXI012",
+                               "--nprocs", "3"])
+    assert settings.participant_label == ("IXI012", "IXI013")  # prefix stripped, deduplicated
+    assert settings.bids_dir.is_absolute() and settings.output_dir.is_absolute()
+    assert settings.nprocs == 3 and settings.omp_nthreads == 3
+    with pytest.raises(AttributeError):
+        settings.nprocs = 4  # type: ignore[misc]
+
+
+def test_settings_written_for_provenance(sample_bids, tmp_path):
+    settings = parse_settings([str(sample_bids), str(tmp_path / "out"), "train", "--seed", "7"])
+    text = write_settings(settings).read_text()
+    assert "seed = 7" in text and 'analysis_level = "train"' in text
+    assert settings.run_uuid in str(list((tmp_path / "out" / "logs").glob("config-*.toml"))[0])
+
+
+@pytest.mark.parametrize("option", ["--participant-label", "--session-label", "--bids-filter-file",
+                                    "--work-dir", "--nprocs", "--omp-nthreads", "--mem-gb",
+                                    "--skip-bids-validation", "--preproc", "--model", "--device",
+                                    "--seed", "--version", "--epochs", "--attention",
+                                    "--bias-reference", "--resume"])
+def test_help_lists_bids_app_options(option):
+    assert option in build_parser().format_help()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_output_inside_bids_dir_is_a_usage_error(sample_bids, capsys):
+    assert main([str(sample_bids), str(sample_bids / "derivatives"), "participant"]) == 2
+    assert "inside the BIDS directory" in _one_error_line(capsys)
+    assert not (sample_bids / "derivatives").exists()
+
+
+def test_missing_bids_dir(tmp_path, capsys):
+    assert main([str(tmp_path / "nope"), str(tmp_path / "out"), "participant"]) == 2
+    assert "does not exist" in _one_error_line(capsys)
+
+
+def test_dataset_without_description(tmp_path, capsys):
+    (tmp_path / "bids").mkdir()
+    assert main([str(tmp_path / "bids"), str(tmp_path / "out"), "participant"]) == 2
+    assert "dataset_description.json" in _one_error_line(capsys)
+    settings = parse_settings([str(tmp_path / "bids"), str(tmp_path / "out"), "participant",
+                               "--skip-bids-validation"])
+    assert settings.skip_bids_validation
+
+
+def test_bad_label_and_bad_number_are_argparse_errors(sample_bids, tmp_path, capsys):
+    for argv in (["--participant-label", "sub-"], ["--nprocs", "0"], ["--lr", "fast"]):
+        with pytest.raises(SystemExit) as exc:
+            main([str(sample_bids), str(tmp_path / "out"), "participant", *argv])
+        assert exc.value.code == 2
+        assert "error:" in capsys.readouterr().err
+
+
+def test_bids_filter_file_must_be_json(sample_bids, tmp_path):
+    bad = tmp_path / "filter.json"
+    bad.write_text("{not json")
+    with pytest.raises(UsageError, match="not valid JSON"):
+        parse_settings([str(sample_bids), str(tmp_path / "out"), "participant",
+                        "--bids-filter-file", str(bad)])
+    good = tmp_path / "good.json"
+    good.write_text('{"t1w": {"acquisition": "mprage"}}')
+    settings = parse_settings([str(sample_bids), str(tmp_path / "out"), "participant",
+                               "--bids-filter-file", str(good)])
+    assert settings.bids_filters == {"t1w": {"acquisition": "mprage"}}
+
+
+def test_unknown_participant_is_one_line_runtime_error(sample_bids, tmp_path, capsys):
+    code = main([str(sample_bids), str(tmp_path / "out"), "participant",
+                 "--participant-label", "NOPE", "-w", str(tmp_path / "work")])
+    assert code == 1
+    assert "sub-NOPE" in _one_error_line(capsys)
+
+
+def test_console_script_and_module_entry_point(sample_bids):
+    proc = subprocess.run([sys.executable, "-m", "brainage_bids", "--help"],
+                          capture_output=True, text=True, check=True)
+    assert "participant" in proc.stdout and "--participant-label" in proc.stdout
+    script = Path(sys.executable).with_name("brainage-bids")
+    if script.exists():
+        out = subprocess.run([str(script), "--version"], capture_output=True, text=True,
+                             check=True)
+        assert __version__ in out.stdout
