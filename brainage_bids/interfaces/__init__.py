@@ -1,0 +1,1 @@
+"""nipype interfaces of brainage-bids (heavy libraries are imported lazily)."""
