@@ -60,7 +60,8 @@ def test_derivative_names_follow_entity_order():
     src = {"subject": "01", "session": "A", "run": 2, "acquisition": "mprage"}
     name = derivative_name(src, suffix="T1w", extension=".nii.gz", space="MNI152NLin6Asym",
                            res="2", desc="preproc")
-    assert name == "sub-01_ses-A_acq-mprage_run-2_space-MNI152NLin6Asym_res-2_desc-preproc_T1w.nii.gz"
+    assert name == ("sub-01_ses-A_acq-mprage_run-2_space-MNI152NLin6Asym_res-2_desc-preproc"
+                    "_T1w.nii.gz")
     xfm = derivative_name({"subject": "01"}, suffix="xfm", extension="mat",
                           **{"from": "T1w", "to": "MNI152NLin6Asym", "mode": "image"})
     assert xfm == "sub-01_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.mat"

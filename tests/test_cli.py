@@ -29,7 +29,8 @@ def test_settings_written_for_provenance(sample_bids, tmp_path):
     settings = parse_settings([str(sample_bids), str(tmp_path / "out"), "train", "--seed", "7"])
     text = write_settings(settings).read_text()
     assert "seed = 7" in text and 'analysis_level = "train"' in text
-    assert settings.run_uuid in str(list((tmp_path / "out" / "logs").glob("config-*.toml"))[0])
+    written = sorted((tmp_path / "out" / "logs").glob("config-*.toml"))
+    assert [p.name for p in written] == [f"config-{settings.run_uuid}.toml"]
 
 
 @pytest.mark.parametrize("option", ["--participant-label", "--session-label", "--bids-filter-file",

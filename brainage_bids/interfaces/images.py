@@ -35,7 +35,7 @@ def load_valid_t1w(path: str | Path) -> nib.Nifti1Image:
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # nibabel raises many types for damaged files
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ImageError(f"{name}: cannot be read (truncated or corrupt file?): {reason}") from None
+        raise ImageError(f"{name}: cannot be read (truncated or corrupt?): {reason}") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

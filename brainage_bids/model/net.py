@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ class BrainAgeNet(nn.Module):
             raise ValueError(f"attention must be one of {ATTENTION_VARIANTS}, got {attention!r}")
         self.attention = attention
         widths = (in_channels, *channels)
-        self.blocks = nn.ModuleList(ConvBlock3d(a, b) for a, b in zip(widths, widths[1:]))
+        self.blocks = nn.ModuleList(ConvBlock3d(a, b) for a, b in pairwise(widths))
         if attention == "shared":
             self.sa: nn.Module | None = SpatialAttention3d(attention_kernel)
             self.sas = None
@@ -55,8 +56,7 @@ class BrainAgeNet(nn.Module):
             self.sa = None
             self.sas = None
         self.dropout_conv = nn.Dropout(dropout)
-        dense_in = (channels[-1], *DENSE[:-1])
-        self.dense = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dense_in, DENSE))
+        self.dense = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise((channels[-1], *DENSE)))
         self.dropout_dense = nn.Dropout(dropout)
         self.act = nn.ReLU(inplace=True)
 
