@@ -30,6 +30,10 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
                                     dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp creates 0600 files; derivatives must be readable as any normal file would be
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)
     try:
         yield tmp
         tmp.replace(target)

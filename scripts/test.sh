@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# headless Chromium for the report tests (Debian package; a no-op when present or not root)
+bash scripts/install_chromium.sh
 . .venv/bin/activate
 ruff check .
 python -m pytest "$@"

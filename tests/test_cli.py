@@ -113,3 +113,18 @@ def test_console_script_and_module_entry_point(sample_bids):
         out = subprocess.run([str(script), "--version"], capture_output=True, text=True,
                              check=True)
         assert __version__ in out.stdout
+
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    import os
+
+    from brainage_bids.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "a" / "x.json", "{}")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "{}"
+    assert (path.stat().st_mode & 0o777) == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["x.json"]  # no temporary left behind

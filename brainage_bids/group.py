@@ -1,0 +1,505 @@
+"""Group level: gather the per-image brain-age records, correct the gap's age bias, tabulate.
+
+Records are found from the BIDS dataset's T1w images through
+:func:`brainage_bids.derivatives.derivative_path`, the same naming the participant level
+used, so the selection (labels, filters) means the same at both levels and no file name is
+guessed. Outputs, each written atomically: ``group_brainage.tsv`` (one row per image, BIDS
+``n/a`` for missing values), its sidecar ``group_brainage.json`` (every column described,
+plus the metrics and the bias-correction coefficients with their origin) and
+``group_brainage.html``.
+
+Bias correction (DESIGN.md §4): Beheshti and de Lange & Cole use the model card's
+coefficients (fitted on the training run's healthy validation set) unless a reference group
+is given (``--bias-reference group=control``), in which case every method is fitted on the
+reference participants. Smith's correction is a residualisation of the gap on age, so it is
+always fitted on this data set (the reference group, or every image with a known age).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from brainage_bids import __version__
+from brainage_bids.config import BIAS_METHODS, Settings
+from brainage_bids.derivatives import derivative_path
+from brainage_bids.io import atomic_path, atomic_write_json
+
+LOG = logging.getLogger(__name__)
+
+TABLE_NAME = "group_brainage"
+NA = "n/a"
+#: qc_pass values in the table (TSV has no boolean type).
+QC_TRUE, QC_FALSE = "true", "false"
+#: Smallest number of images with ages for fitting a bias correction on the data.
+MIN_FIT = 3
+#: Prefix of participants.tsv columns whose names clash with the table's own columns.
+CLASH_PREFIX = "participants_"
+
+YEARS = {"Units": "year"}
+CORE_COLUMNS: dict[str, dict[str, Any]] = {
+    "participant_id": {"Description": "Participant label (sub-<label>), as in participants.tsv"},
+    "session_id": {"Description": "Session label (ses-<label>) of the T1w image; n/a for a "
+                                  "dataset without sessions"},
+    "run": {"Description": "Run index of the T1w image; n/a when the image has no run entity"},
+    "age": {"Description": "Chronological age at the scan (sessions.tsv when it gives one for "
+                           "the session, else participants.tsv)", **YEARS},
+    "predicted_age": {"Description": "Brain age predicted by the model (mean of the "
+                                     "Monte-Carlo dropout samples)", **YEARS},
+    "brain_age_gap": {"Description": "Uncorrected brain-age gap: predicted_age - age", **YEARS},
+    "brain_age_gap_beheshti": {"Description": "Brain-age gap corrected as in Beheshti et al. "
+                                              "2019: gap - (a*age + b), with a, b fitted on "
+                                              "gap = a*age + b", **YEARS},
+    "brain_age_gap_cole": {"Description": "Brain-age gap corrected as in de Lange & Cole 2020:"
+                                          " predicted_age_cole - age", **YEARS},
+    "brain_age_gap_smith": {"Description": "Brain-age gap corrected as in Smith et al. 2019: "
+                                           "residual of the gap regressed on age", **YEARS},
+    "predicted_age_cole": {"Description": "Bias-corrected predicted age of de Lange & Cole "
+                                          "2020: (predicted_age - b)/a, with a, b fitted on "
+                                          "predicted_age = a*age + b (needs no age)", **YEARS},
+    "uncertainty_sd": {"Description": "Prediction uncertainty: standard deviation of the "
+                                      "Monte-Carlo dropout predictions", **YEARS},
+    "qc_pass": {"Description": "Whether the image passed the participant level's "
+                               "registration quality control",
+                "Levels": {QC_TRUE: "passed", QC_FALSE: "failed: check the participant report "
+                                                      "before using this prediction"}},
+}
+MODEL_COLUMNS: dict[str, dict[str, Any]] = {
+    "model_name": {"Description": "Name of the brain-age model (model card) that made the "
+                                  "prediction"},
+    "model_sha256": {"Description": "SHA-256 checksum of the model's weights file"},
+}
+#: Descriptions of QC measures we know; others are described generically.
+QC_DESCRIPTIONS: dict[str, dict[str, Any]] = {
+    "dice_template": {"Description": "Dice overlap of the registered brain mask with the "
+                                     "MNI152NLin6Asym brain mask (1 = identical)"},
+    "correlation": {"Description": "Pearson correlation of the registered brain with the "
+                                   "template brain inside the template mask"},
+    "mask_volume_ml": {"Description": "Volume of the native-space brain mask", "Units": "mL"},
+    "brain_volume_ml": {"Description": "Volume of the native-space brain mask", "Units": "mL"},
+}
+METRIC_NAMES = {"n": "N", "mae": "MAE", "rmse": "RMSE", "r": "r", "r2": "R2",
+                "r_gap_age": "r_gap_age", "mean_gap": "mean_gap"}
+
+
+class GroupError(Exception):
+    """A group-level request that cannot be served; the message is shown as one line."""
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def load_card(spec: str) -> dict[str, Any]:
+    """The model card for ``spec``: a ``.json`` card read directly, else via ``load_model``.
+
+    Only the card is needed at group level (its bias-correction coefficients, name and
+    checksum); reading a card file directly avoids loading the weights.
+    """
+    path = Path(spec).expanduser()
+    if path.suffix == ".json" and path.is_file():
+        try:
+            card = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise GroupError(f"cannot read the model card {path}: {err}") from None
+        if not isinstance(card, dict):
+            raise GroupError(f"the model card {path} is not a JSON object")
+        return card
+    from brainage_bids.model.weights import load_model
+
+    try:
+        return load_model(str(path.resolve()) if path.exists() else spec, device="cpu")[1]
+    except Exception as err:  # the loader raises several types for a bad spec
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise GroupError(f"cannot load the model card of --model {spec}: {message}") from None
+
+
+def find_records(settings: Settings) -> list[Path]:
+    """Brain-age records of the selected T1w images that the participant level wrote."""
+    from brainage_bids.bids import collect_t1w, load_layout
+
+    layout = load_layout(settings.bids_dir, validate=not settings.skip_bids_validation)
+    images = collect_t1w(layout, participant_label=settings.participant_label,
+                         session_label=settings.session_label, filters=settings.bids_filters)
+    paths = [derivative_path(settings.output_dir, image.entities, suffix="brainage",
+                             extension=".json") for image in images]
+    found = [p for p in paths if p.is_file()]
+    if len(found) < len(paths):
+        LOG.info("%d of %d selected T1w image(s) have no brain-age record (not processed, "
+                 "or failed)", len(paths) - len(found), len(paths))
+    return found
+
+
+def read_records(paths: list[Path]) -> list[dict[str, Any]]:
+    """Parse records; an unreadable one is skipped with a warning rather than ending the run."""
+    records = []
+    for path in paths:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            LOG.warning("skipping unreadable record %s: %s", path, err)
+            continue
+        if not isinstance(record, dict) or record.get("predicted_age") is None:
+            LOG.warning("skipping record without a predicted age: %s", path)
+            continue
+        records.append(record)
+    return records
+
+
+def read_participants(bids_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """participants.tsv as strings (kept exactly as written) and participants.json."""
+    tsv, sidecar = bids_dir / "participants.tsv", bids_dir / "participants.json"
+    table = pd.DataFrame(columns=["participant_id"], dtype=object)
+    if tsv.is_file():
+        table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False)
+    described: dict[str, Any] = {}
+    if sidecar.is_file():
+        try:
+            described = json.loads(sidecar.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            LOG.warning("ignoring unreadable %s", sidecar)
+    if "participant_id" not in table.columns:
+        raise GroupError(f"{tsv} has no participant_id column")
+    table["participant_id"] = [p if p.startswith("sub-") else f"sub-{p}"
+                               for p in table["participant_id"].str.strip()]
+    table = table.drop_duplicates("participant_id")
+    return table, described if isinstance(described, dict) else {}
+
+
+# --- the table ------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> float:
+    if value is None or isinstance(value, bool):
+        return math.nan
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return out if math.isfinite(out) else math.nan
+
+
+def _flatten_numeric(qc: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric QC measures, nested dictionaries flattened with underscores."""
+    out: dict[str, float] = {}
+    for key, value in qc.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten_numeric(value, f"{name}_"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = _number(value)
+    return out
+
+
+def records_table(records: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[str]]:
+    """One row per record with the core columns and the numeric QC measures.
+
+    Returns the table and the QC measure names (``qc_<name>`` columns).
+    """
+    rows, qc_names = [], []
+    for record in records:
+        qc = record.get("qc") or {}
+        measures = _flatten_numeric({k: v for k, v in qc.items() if k != "qc_pass"})
+        for name in measures:
+            if name not in qc_names:
+                qc_names.append(name)
+        passed = qc.get("qc_pass")
+        model = record.get("model") or {}
+        rows.append({
+            "participant_id": record.get("participant_id"),
+            "session_id": record.get("session_id"),
+            "run": record.get("run"),
+            "age": _number(record.get("chronological_age")),
+            "predicted_age": _number(record.get("predicted_age")),
+            "uncertainty_sd": _number((record.get("uncertainty") or {}).get("sd")),
+            "qc_pass": None if passed is None else (QC_TRUE if passed else QC_FALSE),
+            **{f"qc_{name}": value for name, value in measures.items()},
+            "model_name": model.get("name"),
+            "model_sha256": model.get("sha256"),
+        })
+    table = pd.DataFrame(rows)
+    table["run"] = pd.array([None if r is None or r == "" else int(r) for r in table["run"]],
+                            dtype="Int64")
+    table["brain_age_gap"] = table["predicted_age"] - table["age"]
+    table = table.sort_values(["participant_id", "session_id", "run"], na_position="first",
+                              kind="stable").reset_index(drop=True)
+    return table, qc_names
+
+
+def parse_reference(spec: str) -> tuple[str, str]:
+    """``"group=control"`` -> ``("group", "control")``."""
+    column, sep, value = spec.partition("=")
+    if not sep or not column.strip() or not value.strip():
+        raise GroupError(f"--bias-reference {spec!r} is not of the form COLUMN=VALUE "
+                         "(e.g. group=control)")
+    return column.strip(), value.strip()
+
+
+def reference_rows(table: pd.DataFrame, participants: pd.DataFrame, spec: str) -> np.ndarray:
+    """Boolean selection of the images of the reference participants."""
+    column, value = parse_reference(spec)
+    if column not in participants.columns:
+        known = ", ".join(c for c in participants.columns if c != "participant_id") or "none"
+        raise GroupError(f"--bias-reference {spec}: participants.tsv has no column {column!r} "
+                         f"(its columns: {known})")
+    members = set(participants.loc[participants[column].str.strip() == value,
+                                   "participant_id"])
+    selected = table["participant_id"].isin(members).to_numpy()
+    if not selected.any():
+        raise GroupError(f"--bias-reference {spec} matches no participant with a brain-age "
+                         "record")
+    return selected
+
+
+def _fit_mask(table: pd.DataFrame, subset: np.ndarray | None) -> np.ndarray:
+    """Images usable for fitting: known age, a prediction, and not failing QC."""
+    ok = np.isfinite(table["age"].to_numpy(float)) & np.isfinite(
+        table["predicted_age"].to_numpy(float))
+    ok &= (table["qc_pass"] != QC_FALSE).to_numpy()
+    return ok if subset is None else ok & subset
+
+
+def bias_coefficients(table: pd.DataFrame, *, card: dict[str, Any] | None,
+                      reference: np.ndarray | None, reference_spec: str | None,
+                      model_spec: str) -> dict[str, dict[str, Any]]:
+    """Coefficients of each method and where they come from (for the sidecar)."""
+    from brainage_bids.metrics import fit_bias
+
+    age = table["age"].to_numpy(float)
+    pred = table["predicted_age"].to_numpy(float)
+    fit_on = _fit_mask(table, reference)
+    card_bias = (card or {}).get("bias_correction") or {}
+    out: dict[str, dict[str, Any]] = {}
+    for method in BIAS_METHODS:
+        if reference is None and method != "smith" and isinstance(card_bias.get(method), dict):
+            out[method] = {"Source": "model card (fitted on the training run's validation "
+                                     "set)", "Model": (card or {}).get("name"),
+                           "ModelSpec": model_spec, "N": card_bias[method].get("n"),
+                           "Coefficients": card_bias[method]}
+            continue
+        if reference is not None:
+            source = f"fitted on the reference group {reference_spec}"
+        elif method == "smith":
+            source = "fitted on this group's images (Smith's correction is a residualisation)"
+        else:
+            source = "fitted on this group's images (the model card has no coefficients)"
+            LOG.warning("model card has no %s coefficients: fitting them on this group", method)
+        n_fit = int(fit_on.sum())
+        if n_fit < MIN_FIT:
+            if reference is not None:
+                raise GroupError(f"--bias-reference {reference_spec}: only {n_fit} image(s) with"
+                                 f" a known age and passing QC; at least {MIN_FIT} are needed")
+            LOG.warning("%s correction skipped: only %d image(s) with a known age", method,
+                        n_fit)
+            out[method] = {"Source": f"not available: fewer than {MIN_FIT} images with a "
+                                     "known age", "N": n_fit, "Coefficients": None}
+            continue
+        try:
+            coefs = fit_bias(method, age[fit_on], pred[fit_on])
+        except ValueError as err:  # e.g. every reference age equal
+            if reference is not None:
+                raise GroupError(f"--bias-reference {reference_spec}: {err}") from None
+            LOG.warning("%s correction skipped: %s", method, err)
+            out[method] = {"Source": f"not available: {err}", "N": n_fit,
+                           "Coefficients": None}
+            continue
+        out[method] = {"Source": source, "N": n_fit, "ExcludesQCFailures": True,
+                       "Coefficients": coefs}
+    return out
+
+
+def apply_corrections(table: pd.DataFrame,
+                      coefficients: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Add ``brain_age_gap_<method>`` and ``predicted_age_cole`` columns."""
+    from brainage_bids.metrics import apply_bias
+
+    age = table["age"].to_numpy(float)
+    pred = table["predicted_age"].to_numpy(float)
+    known = np.isfinite(age) & np.isfinite(pred)
+    table = table.copy()
+    for method in BIAS_METHODS:
+        column = np.full(len(table), np.nan)
+        coefs = coefficients.get(method, {}).get("Coefficients")
+        if coefs is not None and known.any():
+            column[known] = apply_bias(method, coefs, age[known], pred[known])
+        table[f"brain_age_gap_{method}"] = column
+    cole = coefficients.get("cole", {}).get("Coefficients")
+    corrected = np.full(len(table), np.nan)
+    has_pred = np.isfinite(pred)
+    if cole is not None and has_pred.any():
+        # the corrected gap is corrected P - Y, so Y = 0 gives corrected P, age or not
+        corrected[has_pred] = apply_bias("cole", cole, np.zeros(int(has_pred.sum())),
+                                         pred[has_pred])
+    table["predicted_age_cole"] = corrected
+    return table
+
+
+def group_metrics(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Accuracy and age-bias of the uncorrected and each corrected prediction."""
+    from brainage_bids.metrics import regression_metrics
+
+    age = table["age"].to_numpy(float)
+    out: dict[str, dict[str, Any]] = {}
+    for name, gap_column in [("uncorrected", "brain_age_gap"),
+                             *[(m, f"brain_age_gap_{m}") for m in BIAS_METHODS]]:
+        gap = table[gap_column].to_numpy(float)
+        ok = np.isfinite(age) & np.isfinite(gap)
+        if ok.sum() < 2:
+            continue
+        metrics = regression_metrics(age[ok], age[ok] + gap[ok])
+        out[name] = {METRIC_NAMES.get(k, k): _plain(v) for k, v in metrics.items()}
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe plain value: rounded floats, ``None`` for NaN."""
+    if isinstance(value, (np.integer, int)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else round(float(value), 4)
+    return value
+
+
+def merge_participants(table: pd.DataFrame, participants: pd.DataFrame,
+                       described: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Append every participants.tsv column (renamed on a clash) and describe each one."""
+    extra = participants.copy()
+    renames = {c: f"{CLASH_PREFIX}{c}" for c in extra.columns
+               if c != "participant_id" and c in table.columns}
+    extra = extra.rename(columns=renames)
+    merged = table.merge(extra, on="participant_id", how="left")
+    descriptions: dict[str, Any] = {}
+    for original in participants.columns:
+        if original == "participant_id":
+            continue
+        column = renames.get(original, original)
+        entry = described.get(original)
+        entry = dict(entry) if isinstance(entry, dict) else {}
+        note = f"participants.tsv column {original!r}"
+        if original in renames:
+            note += " (renamed: the table has its own column of that name)"
+        entry["Description"] = (f"{entry['Description']} [{note}]" if entry.get("Description")
+                                else f"From {note}; not described in participants.json")
+        descriptions[column] = entry
+    for column in extra.columns:
+        if column != "participant_id":
+            merged[column] = merged[column].replace("", None)
+    return merged, descriptions
+
+
+def describe_columns(columns: list[str], qc_names: list[str],
+                     participant_columns: dict[str, Any]) -> dict[str, Any]:
+    """A BIDS sidecar entry for every column of the table, in table order."""
+    known = {**CORE_COLUMNS, **MODEL_COLUMNS, **participant_columns}
+    for name in qc_names:
+        known[f"qc_{name}"] = QC_DESCRIPTIONS.get(name) or {
+            "Description": f"Quality-control measure {name!r} of the participant level "
+                           "(the 'qc' section of the image's brain-age record)"}
+    missing = [c for c in columns if c not in known]
+    if missing:  # a programming error: every column must be described
+        raise RuntimeError(f"undescribed group-table columns: {missing}")
+    return {column: known[column] for column in columns}
+
+
+def write_table(table: pd.DataFrame, target: Path) -> Path:
+    """TSV with BIDS ``n/a`` for missing values, numbers rounded for reading, atomically."""
+    out = table.copy()
+    for column in out.columns:
+        if pd.api.types.is_float_dtype(out[column]):
+            out[column] = out[column].round(4)
+    with atomic_path(target) as tmp:
+        out.to_csv(tmp, sep="\t", index=False, na_rep=NA, lineterminator="\n")
+    return target
+
+
+# --- the level ------------------------------------------------------------------------------
+
+
+def build_group(settings: Settings) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The group table and its sidecar (nothing written): the testable core of the level."""
+    records = read_records(find_records(settings))
+    if not records:
+        raise GroupError(f"no brain-age records in {settings.output_dir}: run the participant "
+                         "level first")
+    table, qc_names = records_table(records)
+    participants, described = read_participants(settings.bids_dir)
+
+    models = sorted({(str(n), str(s)) for n, s in zip(table["model_name"],
+                                                     table["model_sha256"], strict=True)})
+    if len(models) > 1:
+        LOG.warning("the records come from %d different models: %s", len(models),
+                    ", ".join(n for n, _ in models))
+    reference = card = None
+    if settings.bias_reference:
+        if participants.columns.tolist() == ["participant_id"]:
+            raise GroupError(f"--bias-reference {settings.bias_reference} needs a "
+                             f"participants.tsv in {settings.bids_dir}")
+        reference = reference_rows(table, participants, settings.bias_reference)
+    else:
+        card = load_card(settings.model)
+        card_sha = card.get("sha256")
+        mismatched = sorted(n for n, s in models if card_sha and s not in (card_sha, "None"))
+        if mismatched:
+            raise GroupError(f"the records were made with model(s) {', '.join(mismatched)}, "
+                             f"not with --model {settings.model} ({card.get('name')}): pass "
+                             "the participant level's --model, or --bias-reference")
+    coefficients = bias_coefficients(table, card=card, reference=reference,
+                                     reference_spec=settings.bias_reference,
+                                     model_spec=settings.model)
+    table = apply_corrections(table, coefficients)
+    metrics = group_metrics(table)
+
+    order = ["participant_id", "session_id", "run", "age", "predicted_age", "brain_age_gap",
+             *[f"brain_age_gap_{m}" for m in BIAS_METHODS], "predicted_age_cole",
+             "uncertainty_sd", "qc_pass", *[f"qc_{n}" for n in qc_names], "model_name",
+             "model_sha256"]
+    table = table[order]
+    table, participant_columns = merge_participants(table, participants, described)
+    sidecar = describe_columns(list(table.columns), qc_names, participant_columns)
+    with_age = np.isfinite(table["age"].to_numpy(float))
+    sidecar["BrainAge"] = {
+        "Description": "Summary of the group level: accuracy metrics over images with a known "
+                       "age (uncorrected and after each bias correction) and the "
+                       "bias-correction coefficients with their origin",
+        "N": {"images": len(table), "participants": int(table["participant_id"].nunique()),
+              "images_with_age": int(with_age.sum()),
+              "images_qc_fail": int((table["qc_pass"] == QC_FALSE).sum())},
+        "Metrics": metrics,
+        "MetricsDescription": {
+            "N": "number of images with a known age", "MAE": "mean absolute error (years)",
+            "RMSE": "root-mean-square error (years)",
+            "r": "Pearson correlation of (corrected) predicted age with age",
+            "R2": "coefficient of determination of (corrected) predicted age for age",
+            "r_gap_age": "Pearson correlation of the (corrected) gap with age: the age bias",
+            "mean_gap": "mean (corrected) brain-age gap (years)"},
+        "PrimaryBiasCorrection": settings.bias_method,
+        "BiasCorrection": coefficients,
+        "BiasReference": settings.bias_reference,
+        "Models": [{"Name": n, "SHA256": s} for n, s in models],
+        "GeneratedBy": {"Name": "brainage-bids", "Version": __version__},
+    }
+    return table, sidecar
+
+
+def run_group(settings: Settings) -> int:
+    """The ``group`` analysis level: table, sidecar and HTML report under OUTPUT_DIR."""
+    table, sidecar = build_group(settings)
+    out = Path(settings.output_dir)
+    tsv = write_table(table, out / f"{TABLE_NAME}.tsv")
+    atomic_write_json(out / f"{TABLE_NAME}.json", sidecar)
+    summary = sidecar["BrainAge"]
+    LOG.info("group table: %s (%d image(s), %d participant(s))", tsv,
+             summary["N"]["images"], summary["N"]["participants"])
+    for name, metrics in summary["Metrics"].items():
+        LOG.info("%-11s MAE %.2f years, r(gap, age) %s", name, metrics.get("MAE", math.nan),
+                 metrics.get("r_gap_age"))
+    if settings.reports:
+        from brainage_bids.reports.render import write_group_report
+
+        LOG.info("group report: %s", write_group_report(out, table, sidecar))
+    return 0
