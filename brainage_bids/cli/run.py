@@ -38,9 +38,14 @@ def _setup_logging(settings: Settings) -> None:
     log_file = logging.FileHandler(settings.logs_dir / f"brainage-{settings.run_uuid}.log")
     log_file.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
     root.addHandler(log_file)
-    nipype_level = logging.INFO if settings.verbose >= 2 else logging.WARNING
-    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
-        logging.getLogger(name).setLevel(nipype_level)
+    # nipype sets its loggers' levels from its own config when imported, so go through it
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    nipype_level = "INFO" if settings.verbose >= 2 else "WARNING"
+    for key in ("workflow_level", "interface_level", "utils_level"):
+        nipype_config.set("logging", key, nipype_level)
+    nipype_logging.update_logging(nipype_config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,9 +180,11 @@ def summarise_participants(images, settings: Settings, failures: dict[str, str])
 
 
 def run_train(settings: Settings) -> int:
+    from brainage_bids.bids import write_dataset_description
     from brainage_bids.training import train_from_bids
 
     images = _select_images(settings)
+    write_dataset_description(settings.output_dir, settings.bids_dir)
     card = train_from_bids(settings, images, execute=execute)
     LOG.info("model written: %s (validation MAE %.2f years)",
              settings.output_dir / "models" / f"{card['name']}.safetensors",

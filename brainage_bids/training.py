@@ -1,0 +1,159 @@
+"""The train level's BIDS side: ages, reused preprocessing, subject-level split.
+
+The training itself is :func:`brainage_bids.model.train.train_model`, which knows nothing of
+BIDS; this module turns a dataset into its inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from brainage_bids.bids import T1wImage
+from brainage_bids.config import Settings
+from brainage_bids.derivatives import derivative_path
+from brainage_bids.templates import TEMPLATE
+
+LOG = logging.getLogger(__name__)
+PREPROC = {"suffix": "T1w", "extension": ".nii.gz", "space": TEMPLATE, "res": "2",
+           "desc": "preproc"}
+MASK = {"suffix": "mask", "extension": ".nii.gz", "space": TEMPLATE, "res": "2",
+        "desc": "brain"}
+
+
+class TrainDataError(ValueError):
+    """The dataset cannot train a model (no ages, too few usable images)."""
+
+
+def preprocessed_paths(output_dir: Path, image: T1wImage) -> tuple[Path, Path]:
+    """Where the participant level writes this image's model input and its mask."""
+    return (derivative_path(output_dir, image.entities, **PREPROC),
+            derivative_path(output_dir, image.entities, **MASK))
+
+
+def _dataset_name(bids_dir: Path) -> str:
+    try:
+        return str(json.loads((bids_dir / "dataset_description.json").read_text())["Name"])
+    except (OSError, KeyError, json.JSONDecodeError):
+        return bids_dir.name
+
+
+def default_model_name(bids_dir: Path) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", bids_dir.name).strip("-").lower() or "cohort"
+    return f"brainage-{slug}"
+
+
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _wait_for(paths: list[Path], timeout_s: float = 24 * 3600) -> None:
+    """Non-zero DDP ranks wait for rank 0 to finish preprocessing."""
+    deadline = time.time() + timeout_s
+    while not all(p.is_file() for p in paths):
+        if time.time() > deadline:
+            raise TrainDataError("timed out waiting for rank 0 to preprocess the images")
+        time.sleep(5)
+
+
+def ensure_preprocessed(settings: Settings, images: list[T1wImage],
+                        execute: Callable) -> tuple[list[T1wImage], dict[str, str]]:
+    """Run participant-level preprocessing where its outputs are missing.
+
+    Returns the images that have both outputs, and ``{image: error}`` for those that failed.
+    """
+    from brainage_bids.workflows.participant import init_participant_wf
+    from brainage_bids.workflows.preproc import resolve_backend
+
+    missing = [im for im in images
+               if not all(p.is_file() for p in preprocessed_paths(settings.output_dir, im))]
+    failures: dict[str, str] = {}
+    if missing and _is_main_rank():
+        backend = resolve_backend(settings.preproc)
+        LOG.info("preprocessing %d image(s) with the %s backend (%d already done)",
+                 len(missing), backend, len(images) - len(missing))
+        workflow = init_participant_wf(
+            images=missing, bids_dir=settings.bids_dir, output_dir=settings.output_dir,
+            work_dir=settings.work_dir, backend=backend, omp_nthreads=settings.omp_nthreads,
+            model=None)
+        failed = execute(workflow, settings)
+        failures = {im.name: failed.get(im.node_name) or failed.get("*", "")
+                    for im in missing if im.node_name in failed or "*" in failed}
+    elif missing:
+        _wait_for([p for im in missing for p in preprocessed_paths(settings.output_dir, im)])
+    done = [im for im in images
+            if all(p.is_file() for p in preprocessed_paths(settings.output_dir, im))]
+    for image in images:
+        if image not in done and image.name not in failures:
+            failures[image.name] = "preprocessing produced no output"
+    return done, failures
+
+
+def _backend_of(settings: Settings, image: T1wImage) -> str:
+    """The preprocessing backend recorded in the transform's sidecar (``ants`` or ``fsl``)."""
+    sidecar = derivative_path(settings.output_dir, image.entities, suffix="xfm",
+                              extension=".json",
+                              **{"from": "T1w", "to": TEMPLATE, "mode": "image"})
+    try:
+        software = json.loads(sidecar.read_text()).get("Software", "")
+    except (OSError, json.JSONDecodeError):
+        return "unknown"
+    return "fsl" if "FSL" in software else "ants"
+
+
+def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Callable) -> dict:
+    """Preprocess where needed, then train; returns the model card."""
+    from brainage_bids.model.train import TrainConfig, TrainItem, split_stratified, train_model
+
+    labelled = [im for im in images if im.age is not None]
+    unlabelled = [im.name for im in images if im.age is None]
+    if not labelled:
+        raise TrainDataError(
+            f"no selected image has an age: {settings.bids_dir / 'participants.tsv'} needs an "
+            "'age' column with numbers (or sessions.tsv for ages per session)")
+    if unlabelled:
+        LOG.warning("skipping %d image(s) without an age: %s", len(unlabelled),
+                    ", ".join(unlabelled))
+    usable, failures = ensure_preprocessed(settings, labelled, execute)
+    if failures:
+        LOG.warning("skipping %d image(s) whose preprocessing failed: %s", len(failures),
+                    "; ".join(f"{name}: {err}" for name, err in failures.items()))
+    items = []
+    for image in usable:
+        brain, mask = preprocessed_paths(settings.output_dir, image)
+        items.append(TrainItem(id=image.name, image=str(brain), mask=str(mask),
+                               age=float(image.age), group=image.subject))
+    # grouped by participant: no one's sessions straddle the train/validation split
+    train, val = split_stratified(items, settings.val_fraction, settings.seed)
+    name = settings.model_name or default_model_name(settings.bids_dir)
+    config = TrainConfig(
+        epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+        loss=settings.loss, attention=settings.attention, seed=settings.seed,
+        device=settings.device, patience=settings.patience, augment=settings.augment,
+        num_threads=settings.omp_nthreads, val_fraction=settings.val_fraction,
+        model_name=name)
+    backends = sorted({_backend_of(settings, im) for im in usable})
+    card_extra = {
+        "training_data": {
+            "name": _dataset_name(settings.bids_dir),
+            "source": settings.bids_dir.name,
+            "n_images_selected": len(images),
+            "skipped_without_age": unlabelled,
+            "skipped_failed_preprocessing": sorted(failures),
+            "train_ids": [it.id for it in train],
+            "validation_ids": [it.id for it in val],
+        },
+        "preprocessing": {"backend": backends[0] if len(backends) == 1 else backends,
+                          "template": TEMPLATE, "resolution_mm": 2},
+    }
+    LOG.info("training %s on %d images, validating on %d", name, len(train), len(val))
+    return train_model(config, train, val, settings.output_dir / "models",
+                       work_dir=settings.work_dir / f"train_{name}", resume=settings.resume,
+                       progress=sys.stderr.isatty() or settings.verbose > 0,
+                       card_extra=card_extra)

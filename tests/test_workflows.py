@@ -1,0 +1,96 @@
+"""Workflow construction without running, and the FSL backend's command lines."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from brainage_bids.bids import collect_t1w, load_layout
+from brainage_bids.templates import template_path
+from brainage_bids.workflows.participant import init_participant_wf, init_single_t1w_wf
+from brainage_bids.workflows.preproc import (
+    BackendError,
+    init_fsl_wf,
+    init_t1w_preproc_wf,
+    resolve_backend,
+)
+
+from .conftest import SAMPLE
+
+T1W = SAMPLE / "sub-IXI012" / "anat" / "sub-IXI012_T1w.nii.gz"
+
+
+def _node(workflow, name):
+    node = workflow.get_node(name)
+    assert node is not None, f"{name} not in {workflow.list_node_names()}"
+    return node
+
+
+def test_fsl_command_lines(tmp_path):
+    wf = init_fsl_wf(omp_nthreads=1)
+    bet = _node(wf, "bet").interface
+    bet.inputs.in_file = str(T1W)
+    assert bet.cmd == "bet"
+    args = bet.cmdline.split()
+    assert Path(args[1]).resolve() == T1W and {"-f", "0.50", "-m", "-R"} <= set(args)
+
+    flirt = _node(wf, "flirt").interface
+    flirt.inputs.in_file = str(T1W)
+    line = flirt.cmdline
+    assert line.startswith("flirt -in ")
+    for part in ("-dof 12", f"-ref {template_path('brain')}", "-omat t1w_to_mni.mat",
+                 "-cost corratio", "-interp trilinear", "-datatype float"):
+        assert part in line, (part, line)
+
+    to_mni = _node(wf, "mask_to_mni").interface
+    to_mni.inputs.in_file = str(T1W)
+    matrix = tmp_path / "x.mat"
+    matrix.write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    to_mni.inputs.in_matrix_file = str(matrix)
+    line = to_mni.cmdline
+    for part in ("-applyxfm", f"-init {matrix}", "-interp nearestneighbour"):
+        assert part in line, (part, line)
+
+
+def test_backend_resolution(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert resolve_backend("auto") == "ants"
+    with pytest.raises(BackendError, match="bet and flirt"):
+        resolve_backend("fsl")
+    assert resolve_backend("ants") == "ants"
+
+
+@pytest.mark.parametrize("backend", ["ants", "fsl"])
+def test_preproc_wf_exposes_the_model_inputs(backend):
+    wf = init_t1w_preproc_wf(backend=backend, omp_nthreads=2)
+    outputs = set(wf.outputs.outputnode.get())
+    assert {"brain_mni", "mask_mni", "mask_native", "transform", "qc_file"} <= outputs
+    assert "validate" in wf.list_node_names()
+
+
+def test_participant_wf_one_subworkflow_per_image(sample_bids, tmp_path):
+    images = collect_t1w(load_layout(sample_bids))
+    wf = init_participant_wf(images=images, bids_dir=sample_bids, output_dir=tmp_path / "out",
+                             work_dir=tmp_path / "work", backend="ants", omp_nthreads=1,
+                             model="default")
+    names = wf.list_node_names()
+    for image in images:
+        assert any(n.startswith(f"t1w_{image.node_name}_wf.") for n in names)
+    single = init_single_t1w_wf(image=images[0], bids_dir=sample_bids,
+                                output_dir=tmp_path / "out", backend="ants", omp_nthreads=1,
+                                model=None)
+    assert not any("predict" in n for n in single.list_node_names())
+    assert not any("ds_record" in n for n in single.list_node_names())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bet") is None, reason="FSL is not installed here")
+def test_fsl_backend_runs_for_real(tmp_path):
+    wf = init_t1w_preproc_wf(backend="fsl", omp_nthreads=1)
+    wf.base_dir = str(tmp_path)
+    wf.inputs.inputnode.t1w = str(T1W)
+    result = wf.run()
+    qc = next(n for n in result.nodes() if n.name == "registration_qc").result.outputs.qc
+    assert qc["dice_template"] > 0.85
