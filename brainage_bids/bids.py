@@ -102,6 +102,18 @@ def _age_column(columns: list[str] | None) -> str | None:
     return None
 
 
+def _ages_from_tsv(path: Path, id_column: str, prefix: str) -> dict[str, float | None]:
+    """``{label: age}`` from one TSV (labels without their ``sub-``/``ses-`` prefix)."""
+    rows = _read_tsv(path)
+    column = _age_column(list(rows[0]) if rows else None)
+    ages: dict[str, float | None] = {}
+    for line, row in enumerate(rows, start=2):
+        label = (row.get(id_column) or "").removeprefix(prefix)
+        if label and column:
+            ages[label] = parse_age(row.get(column), where=f"{path.name} line {line}")
+    return ages
+
+
 def read_ages(bids_dir: Path) -> dict[tuple[str, str | None], float | None]:
     """Ages keyed by ``(subject, session)``; session ``None`` holds participants.tsv's age.
 
@@ -110,22 +122,12 @@ def read_ages(bids_dir: Path) -> dict[tuple[str, str | None], float | None]:
     ages: dict[tuple[str, str | None], float | None] = {}
     participants = bids_dir / "participants.tsv"
     if participants.is_file():
-        rows = _read_tsv(participants)
-        column = _age_column(list(rows[0]) if rows else None)
-        for line, row in enumerate(rows, start=2):
-            sub = (row.get("participant_id") or "").removeprefix("sub-")
-            if sub and column:
-                ages[(sub, None)] = parse_age(row.get(column),
-                                              where=f"participants.tsv line {line}")
+        for sub, age in _ages_from_tsv(participants, "participant_id", "sub-").items():
+            ages[(sub, None)] = age
     for sessions in sorted(bids_dir.glob("sub-*/sub-*_sessions.tsv")):
         sub = sessions.parent.name.removeprefix("sub-")
-        rows = _read_tsv(sessions)
-        column = _age_column(list(rows[0]) if rows else None)
-        for line, row in enumerate(rows, start=2):
-            ses = (row.get("session_id") or "").removeprefix("ses-")
-            if ses and column:
-                ages[(sub, ses)] = parse_age(row.get(column),
-                                             where=f"{sessions.name} line {line}")
+        for ses, age in _ages_from_tsv(sessions, "session_id", "ses-").items():
+            ages[(sub, ses)] = age
     return ages
 
 

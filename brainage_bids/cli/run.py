@@ -118,7 +118,8 @@ def run_participant(settings: Settings) -> int:
         work_dir=settings.work_dir, backend=backend, omp_nthreads=settings.omp_nthreads,
         model=model, device=settings.device, mc_samples=settings.mc_samples,
         seed=settings.seed, gradcam=settings.saliency and is_attention_net,
-        attention=architecture.get("attention", "none") != "none")
+        attention=(settings.saliency and is_attention_net
+                   and architecture.get("attention", "none") != "none"))
     failures = execute(workflow, settings)
     summary = summarise_participants(images, settings, failures)
     if settings.reports:

@@ -20,6 +20,8 @@ def init_single_t1w_wf(*, image: T1wImage, bids_dir: Path, output_dir: Path, bac
     """Preprocess one T1w and, when ``model`` is given, predict its brain age.
 
     With ``model=None`` only preprocessing runs (the train level reuses it this way).
+    ``gradcam`` and ``attention`` say which saliency maps the model can give and the user
+    wants (no attention map for the ablation's ``none`` variant or the SFCN peer).
     """
     from brainage_bids.interfaces.model import PredictBrainAge
 
@@ -48,7 +50,7 @@ def init_single_t1w_wf(*, image: T1wImage, bids_dir: Path, output_dir: Path, bac
         }
         predict = pe.Node(PredictBrainAge(model=model, device=device, mc_samples=mc_samples,
                                           seed=seed, num_threads=omp_nthreads,
-                                          saliency=gradcam, source=source),
+                                          saliency=gradcam or attention, source=source),
                           name="predict", n_procs=omp_nthreads)
         edges += [
             (preproc, predict, [("outputnode.brain_mni", "brain_mni"),
@@ -58,7 +60,7 @@ def init_single_t1w_wf(*, image: T1wImage, bids_dir: Path, output_dir: Path, bac
         ]
         if gradcam:
             edges.append((predict, sinks, [("out_gradcam", "inputnode.gradcam")]))
-        if gradcam and attention:
+        if attention:
             edges.append((predict, sinks, [("out_attention", "inputnode.attention")]))
     workflow.connect(edges)
     return workflow
