@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -92,5 +93,6 @@ def test_fsl_backend_runs_for_real(tmp_path):
     wf.base_dir = str(tmp_path)
     wf.inputs.inputnode.t1w = str(T1W)
     result = wf.run()
-    qc = next(n for n in result.nodes() if n.name == "registration_qc").result.outputs.qc
+    node = next(n for n in result.nodes() if n.name == "registration_qc")
+    qc = json.loads(Path(node.result.outputs.out_qc).read_text())
     assert qc["dice_template"] > 0.85

@@ -97,8 +97,8 @@ class PredictBrainAge(SimpleInterface):
                 "name": card.get("name"),
                 "sha256": card.get("sha256"),
                 "architecture": card.get("architecture", {}),
-                "training_data": card.get("training_data"),
-                "age_range": card.get("age_range"),
+                "training_data": (card.get("training_data") or {}).get("name"),
+                "age_range": (card.get("training") or {}).get("age_range"),
             },
             "software": {
                 "brainage_bids": __version__,
