@@ -109,8 +109,8 @@ class PredictBrainAge(SimpleInterface):
         bias = card.get("bias_correction") or {}
         if age is not None:
             for method, coefs in bias.items():
-                if not isinstance(coefs, dict):
-                    continue
+                if not isinstance(coefs, dict) or "error" in coefs:
+                    continue  # not fitted (e.g. too few validation images)
                 corrected = apply_bias(method, coefs, np.array([float(age)]),
                                        np.array([predicted]))
                 record["corrected_brain_age_gap"][method] = round(float(corrected[0]), 3)

@@ -27,7 +27,10 @@ def run_workflow(workflow: pe.Workflow, *, crash_dir: Path, nprocs: int,
         "check_version": False,
     }
     if nprocs > 1:
-        args: dict = {"n_procs": nprocs, "raise_insufficient": False}
+        # forkserver, not fork: forking a process whose torch/OpenMP threads have started
+        # (the train level, a second run in one Python process) can deadlock the workers
+        args: dict = {"n_procs": nprocs, "raise_insufficient": False,
+                      "mp_context": "forkserver"}
         if mem_gb:
             args["memory_gb"] = mem_gb
         plugin = "MultiProc"
