@@ -109,7 +109,14 @@ def _backend_of(settings: Settings, image: T1wImage) -> str:
 
 def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Callable) -> dict:
     """Preprocess where needed, then train; returns the model card."""
-    from brainage_bids.model.train import TrainConfig, TrainItem, split_stratified, train_model
+    from brainage_bids.model.train import (
+        MIN_TRAIN,
+        MIN_VAL,
+        TrainConfig,
+        TrainItem,
+        split_stratified,
+        train_model,
+    )
 
     labelled = [im for im in images if im.age is not None]
     unlabelled = [im.name for im in images if im.age is None]
@@ -120,6 +127,11 @@ def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Call
     if unlabelled:
         LOG.warning("skipping %d image(s) without an age: %s", len(unlabelled),
                     ", ".join(unlabelled))
+    needed = MIN_TRAIN + MIN_VAL
+    if len({im.subject for im in labelled}) < needed:
+        raise TrainDataError(
+            f"only {len({im.subject for im in labelled})} participant(s) with an age; "
+            f"training needs at least {needed} ({MIN_TRAIN} to train, {MIN_VAL} to validate)")
     usable, failures = ensure_preprocessed(settings, labelled, execute)
     if failures:
         LOG.warning("skipping %d image(s) whose preprocessing failed: %s", len(failures),

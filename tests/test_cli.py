@@ -50,10 +50,12 @@ def test_version(capsys):
 
 
 def _one_error_line(capsys) -> str:
+    """The error is one line (log lines may precede it), never a traceback."""
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert "Traceback" not in err[0]
-    return err[0]
+    assert not any("Traceback" in line for line in err), err
+    errors = [line for line in err if line.startswith("brainage-bids: error:")]
+    assert len(errors) == 1 and err[-1] == errors[0], err
+    return errors[0]
 
 
 def test_output_inside_bids_dir_is_a_usage_error(sample_bids, capsys):
@@ -128,3 +130,25 @@ def test_atomic_writes_respect_the_umask(tmp_path):
     assert path.read_text() == "{}"
     assert (path.stat().st_mode & 0o777) == 0o644
     assert [p.name for p in path.parent.iterdir()] == ["x.json"]  # no temporary left behind
+
+
+def test_train_without_ages_fails_before_any_work(tiny_bids, tmp_path, capsys):
+    (tiny_bids / "participants.tsv").write_text("participant_id\tsex\nsub-IXI012\tM\n")
+    (tiny_bids / "sub-IXI012" / "sub-IXI012_sessions.tsv").unlink()
+    out = tmp_path / "out"
+    assert main([str(tiny_bids), str(out), "train", "-w", str(tmp_path / "work")]) == 1
+    assert "needs an 'age' column" in _one_error_line(capsys)
+    assert not (out / "models").exists() and not (tmp_path / "work").exists()
+
+
+def test_train_with_too_few_ages_fails_before_any_work(tiny_bids, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([str(tiny_bids), str(out), "train", "-w", str(tmp_path / "work")]) == 1
+    assert "training needs at least 6" in _one_error_line(capsys)
+    assert not (out / "models").exists()
+
+
+def test_train_with_non_numeric_age(tiny_bids, tmp_path, capsys):
+    (tiny_bids / "participants.tsv").write_text("participant_id\tage\nsub-IXI013\told\n")
+    assert main([str(tiny_bids), str(tmp_path / "out"), "train"]) == 1
+    assert "'old' is not a number" in _one_error_line(capsys)
