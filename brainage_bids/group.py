@@ -276,7 +276,9 @@ def bias_coefficients(table: pd.DataFrame, *, card: dict[str, Any] | None,
     card_bias = (card or {}).get("bias_correction") or {}
     out: dict[str, dict[str, Any]] = {}
     for method in BIAS_METHODS:
-        if reference is None and method != "smith" and isinstance(card_bias.get(method), dict):
+        fitted = card_bias.get(method)
+        if (reference is None and method != "smith" and isinstance(fitted, dict)
+                and "error" not in fitted):  # an "error" entry: too few validation images
             out[method] = {"Source": "model card (fitted on the training run's validation "
                                      "set)", "Model": (card or {}).get("name"),
                            "ModelSpec": model_spec, "N": card_bias[method].get("n"),

@@ -136,7 +136,8 @@ def execute(workflow, settings: Settings) -> dict[str, str]:
     started = time.time()
     crash_dir = settings.logs_dir / "crashes"
     ok = run_workflow(workflow, crash_dir=crash_dir, nprocs=settings.nprocs,
-                      mem_gb=settings.mem_gb)
+                      mem_gb=settings.mem_gb,
+                      log_level="INFO" if settings.verbose >= 2 else "WARNING")
     failures = {} if ok else collect_failures(crash_dir, since=started)
     if not ok and not failures:
         failures = {"*": "the workflow failed; see the log in " + str(settings.logs_dir)}

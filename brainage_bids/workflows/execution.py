@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -10,8 +11,18 @@ from nipype.pipeline import engine as pe
 _IMAGE_WF = re.compile(r"\bt1w_(?P<image>[A-Za-z0-9_]+?)_wf\b")
 
 
+def _worker_config(directory: Path, log_level: str) -> Path:
+    """A nipype.cfg for MultiProc workers, which start with nipype's defaults (INFO logs)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    levels = "\n".join(f"{key} = {log_level}" for key in
+                        ("workflow_level", "interface_level", "utils_level"))
+    (directory / "nipype.cfg").write_text(f"[logging]\n{levels}\n"
+                                          "[monitoring]\nenabled = false\n")
+    return directory
+
+
 def run_workflow(workflow: pe.Workflow, *, crash_dir: Path, nprocs: int,
-                 mem_gb: float | None = None) -> bool:
+                 mem_gb: float | None = None, log_level: str = "WARNING") -> bool:
     """Run ``workflow``; images that fail do not stop the others. True if all succeeded.
 
     Nodes are cached in the workflow's base directory, so a rerun with the same work
@@ -36,10 +47,19 @@ def run_workflow(workflow: pe.Workflow, *, crash_dir: Path, nprocs: int,
         plugin = "MultiProc"
     else:
         plugin, args = "Linear", {}
+    config_dir = _worker_config(Path(workflow.base_dir or crash_dir) / "nipype_config",
+                                log_level)
+    previous = os.environ.get("NIPYPE_CONFIG_DIR")
+    os.environ["NIPYPE_CONFIG_DIR"] = str(config_dir)  # read by the worker processes
     try:
         workflow.run(plugin=plugin, plugin_args=args)
     except RuntimeError:
         return False
+    finally:
+        if previous is None:
+            os.environ.pop("NIPYPE_CONFIG_DIR", None)
+        else:
+            os.environ["NIPYPE_CONFIG_DIR"] = previous
     return True
 
 
