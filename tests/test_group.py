@@ -357,3 +357,20 @@ def test_cli_group_level_writes_report(study, restore_logging):
     html = (study.output_dir / "group_brainage.html").read_text()
     assert "Smith 2019 (main)" in html
     assert XSS not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_unfitted_card_coefficients_fall_back_to_this_group(study, tmp_path):
+    """A card from a run with too few validation images stores errors, not coefficients."""
+    card = {"name": MODEL, "sha256": SHA,
+            "bias_correction": {m: {"error": "need at least 3 points"}
+                                for m in ("beheshti", "cole")}}
+    (tmp_path / "unfitted.json").write_text(json.dumps(card))
+    table, sidecar = build_group(replace(study, model=str(tmp_path / "unfitted.json")))
+    age = table["age"].to_numpy(float)
+    pred = table["predicted_age"].to_numpy(float)
+    known = np.isfinite(age)
+    fit_on = known & (table["qc_pass"] != QC_FALSE).to_numpy()  # QC failures are not fitted
+    a, b = np.polyfit(age[fit_on], (pred - age)[fit_on], 1)
+    np.testing.assert_allclose(table["brain_age_gap_beheshti"][known],
+                               ((pred - age) - (a * age + b))[known], atol=1e-6)
+    assert "this group" in json.dumps(sidecar)
