@@ -62,7 +62,8 @@ from brainage_bids.metrics import bias_report, regression_metrics
 from brainage_bids.model.data import AUGMENTATION, Augmenter, VolumeCache, build_cache
 from brainage_bids.model.intensity import NORMALISATION
 from brainage_bids.model.net import ATTENTION_VARIANTS, INPUT_SHAPE
-from brainage_bids.model.weights import build_model, describe_architecture, resolve_device
+from brainage_bids.model.predict import resolve_device
+from brainage_bids.model.weights import build_model, describe_architecture
 
 LOGGER = logging.getLogger(__name__)
 
@@ -917,7 +918,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         card = train_model(config, train, val, args.out, work_dir=args.work_dir,
                            resume=args.resume, progress=not args.no_progress,
                            card_extra=extra)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # RuntimeError: no visible GPU
         LOGGER.error("%s", exc)
         return 1
     if card:

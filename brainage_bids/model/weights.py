@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from brainage_bids.io import atomic_write_bytes, atomic_write_json, sha256_file
+from brainage_bids.model.predict import resolve_device
 
 WEIGHTS_SUFFIX = ".safetensors"
 CARD_SUFFIX = ".json"
@@ -250,16 +251,6 @@ def read_card(card_path: str | Path) -> dict[str, Any]:
     if not isinstance(card, dict) or "architecture" not in card or "sha256" not in card:
         raise ModelError(f"{card_path} is not a model card (needs 'architecture' and 'sha256')")
     return card
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> the first CUDA device when there is one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but no CUDA device is available")
-    return resolved
 
 
 def load_model(spec: str | Path, device: str | torch.device = "cpu", *,
