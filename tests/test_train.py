@@ -112,6 +112,8 @@ def _assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> float:
     ({"val_fraction": 1.0}, "val_fraction"), ({"model_name": "a/b"}, "model_name"),
     ({"input_shape": (32, 32)}, "input_shape"), ({"device": "tpu"}, "device"),
     ({"attention_kernel": 4}, "odd"), ({"seed": -1}, "seed"), ({"precision": "fp8"}, "prec"),
+    ({"architecture": "ResNet"}, "architecture"), ({"architecture": "SFCN"}, "kl"),
+    ({"loss": "kl"}, "kl"),
 ])
 def test_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -394,3 +396,39 @@ def test_torchrun_two_processes_match_one(split, tmp_path):
     one_rows = (tmp_path / "one" / "tiny_metrics.tsv").read_text().splitlines()[1:]
     for a, b in zip(ddp_rows, one_rows, strict=True):
         assert float(a.split("\t")[1]) == pytest.approx(float(b.split("\t")[1]), rel=1e-4)
+
+
+# --------------------------------------------------------------------------- the SFCN peer
+
+def test_kl_loss_per_sample_matches_the_reference_mean():
+    from brainage_bids.model.sfcn import SFCN, soft_label_loss
+
+    torch.manual_seed(0)
+    model = SFCN()
+    log_probs = torch.log_softmax(torch.randn(5, model.n_bins), dim=1)
+    ages = torch.tensor([[21.0], [37.5], [50.0], [66.2], [93.0]])
+    per_sample = train_module._per_sample_loss("kl", log_probs, ages, model.bin_centers)
+    assert per_sample.shape == (5, 1) and bool((per_sample >= 0).all())
+    expected = soft_label_loss(log_probs, ages, model.bin_centers)
+    assert float(per_sample.mean()) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_engine_trains_sfcn_with_soft_labels(split, tmp_path):
+    train, val = split
+    card = train_model(_config(architecture="SFCN", loss="kl", epochs=2), train, val,
+                       tmp_path / "models", work_dir=tmp_path / "work", progress=False)
+    assert card["architecture"]["name"] == "SFCN"
+    assert card["architecture"]["n_parameters"] == 2952936
+    assert card["training"]["loss"] == "kl" and card["training"]["output_bias_init"] is None
+    rows = (tmp_path / "models" / "tiny_metrics.tsv").read_text().splitlines()[1:]
+    losses = [float(r.split("\t")[1]) for r in rows]
+    assert all(np.isfinite(losses)) and all(v > 0 for v in losses)
+    model, _ = load_model(tmp_path / "models")
+    x = torch.stack([torch.from_numpy(data_module.read_volume(i.image, i.mask))[None]
+                     for i in val])
+    with torch.no_grad():
+        pred = model(x).squeeze(1).double().numpy()
+    # expected ages over the bins: inside the bins' range, and the card's MAE reproduces
+    assert bool(((pred > 14) & (pred < 94)).all())
+    ages = np.array([i.age for i in val])
+    assert np.abs(pred - ages).mean() == pytest.approx(card["validation"]["mae"], abs=0.05)

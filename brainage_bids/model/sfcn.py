@@ -122,8 +122,14 @@ class SFCN(nn.Module):
         logits = self.classifier(self.feature_extractor(x))
         return F.log_softmax(torch.flatten(logits, 1), dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, 1)`` expected ages: the mean of the bin distribution, as in the paper."""
+    def forward(self, x: torch.Tensor, log_probs: bool = False) -> torch.Tensor:
+        """``(N, 1)`` expected ages: the mean of the bin distribution, as in the paper.
+
+        ``log_probs=True`` returns :meth:`log_probs` instead: training calls it through
+        ``forward`` so that a ``DistributedDataParallel`` wrapper sees the call.
+        """
+        if log_probs:
+            return self.log_probs(x)
         return (self.log_probs(x).exp() @ self.bin_centers).unsqueeze(1)
 
     def soft_label_loss(self, log_probs: torch.Tensor, ages: torch.Tensor,

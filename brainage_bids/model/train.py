@@ -67,7 +67,9 @@ from brainage_bids.model.weights import build_model, describe_architecture
 
 LOGGER = logging.getLogger(__name__)
 
-LOSSES = ("l1", "mse", "smoothl1")
+LOSSES = ("l1", "mse", "smoothl1", "kl")
+#: "kl" is SFCN's soft-label loss and only SFCN's; the regression losses are BrainAgeNet's.
+TRAIN_ARCHITECTURES = ("BrainAgeNet", "SFCN")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
 INITS = ("kaiming", "default")
@@ -108,6 +110,7 @@ class TrainConfig:
     """
 
     epochs: int = 250
+    architecture: str = "BrainAgeNet"
     batch_size: int = 4
     lr: float = 1e-4
     loss: str = "l1"
@@ -153,7 +156,8 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        for name, value, allowed in (("loss", self.loss, LOSSES),
+        for name, value, allowed in (("architecture", self.architecture, TRAIN_ARCHITECTURES),
+                                     ("loss", self.loss, LOSSES),
                                      ("attention", self.attention, ATTENTION_VARIANTS),
                                      ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
                                      ("precision", self.precision, PRECISIONS),
@@ -161,6 +165,9 @@ class TrainConfig:
                                      ("cache_dtype", self.cache_dtype, ("float16", "float32"))):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if (self.architecture == "SFCN") != (self.loss == "kl"):
+            raise ValueError(f"loss 'kl' (soft labels) goes with SFCN and only with SFCN; got "
+                             f"loss {self.loss!r} for {self.architecture}")
         if self.attention_kernel % 2 != 1:
             raise ValueError(f"attention_kernel must be odd, got {self.attention_kernel}")
         if self.device != "auto":
@@ -298,8 +305,12 @@ def _initialise(model: nn.Module, scheme: str, mean_age: float) -> None:
     """He-normal weights and zero biases (``kaiming``), and the output bias at the mean age.
 
     Starting at the mean age saves the many epochs Adam's lr-sized steps would need to move
-    a bias from ~0 to ~50 years.
+    a bias from ~0 to ~50 years. SFCN keeps torch's initialisation, as its reference code
+    does: batch normalisation keeps its activations in range, and its output is a
+    distribution over age bins, not an age with a bias to place.
     """
+    if not hasattr(model, "dense"):
+        return
     with torch.no_grad():
         if scheme == "kaiming":
             for module in model.modules():
@@ -309,7 +320,14 @@ def _initialise(model: nn.Module, scheme: str, mean_age: float) -> None:
         model.dense[-1].bias.fill_(mean_age)
 
 
-def _per_sample_loss(kind: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _per_sample_loss(kind: str, pred: torch.Tensor, target: torch.Tensor,
+                     bin_centers: torch.Tensor | None = None) -> torch.Tensor:
+    """``(N, 1)`` losses; for ``kl``, ``pred`` is SFCN's ``(N, n_bins)`` log-probabilities."""
+    if kind == "kl":
+        from brainage_bids.model.sfcn import gaussian_soft_labels
+
+        soft = gaussian_soft_labels(target, bin_centers).to(pred.dtype)
+        return (torch.xlogy(soft, soft) - soft * pred).sum(dim=1, keepdim=True)
     if kind == "l1":
         return (pred - target).abs()
     if kind == "mse":
@@ -436,9 +454,15 @@ def _train_step(net: nn.Module, optimizer: torch.optim.Optimizer, batch: _Batch,
     x = _to_device(batch.x, env, config.channels_last)
     y, w = batch.y.to(env.device), batch.weight.to(env.device)
     optimizer.zero_grad(set_to_none=True)
+    centers = None
     with _autocast(config, env):
-        pred = net(x)
-    per_sample = _per_sample_loss(config.loss, pred.float(), y) * w
+        if config.architecture == "SFCN":
+            # through the (possibly DDP-wrapped) module's forward, so gradients are reduced
+            pred = net(x, log_probs=True)
+            centers = getattr(net, "module", net).bin_centers
+        else:
+            pred = net(x)
+    per_sample = _per_sample_loss(config.loss, pred.float(), y, centers) * w
     # sum / n_global on each rank, times world: DDP's gradient mean is then the global mean
     (per_sample.sum() * (env.world / batch.n_global)).backward()
     optimizer.step()
@@ -612,7 +636,8 @@ def _build_card(config: TrainConfig, env: _Dist, model: nn.Module, state: _State
             "lr_schedule": config.lr_schedule, "optimizer": "Adam",
             "optimizer_params": {"betas": [0.9, 0.999], "eps": 1e-8,
                                  "weight_decay": config.weight_decay},
-            "init": config.init, "output_bias_init": mean_age,
+            "init": config.init if config.architecture == "BrainAgeNet" else "default",
+            "output_bias_init": mean_age if config.architecture == "BrainAgeNet" else None,
             "augmentation": AUGMENTATION if config.augment else None,
             "seed": config.seed, "cache_dtype": config.cache_dtype,
             "precision": config.precision,
@@ -777,9 +802,12 @@ def _train(config: TrainConfig, env: _Dist, train_items: list[TrainItem],
     mean_age = float(ages.astype(np.float64).mean())
 
     torch.manual_seed(config.seed)
-    model = build_model({"name": "BrainAgeNet", "attention": config.attention,
-                         "attention_kernel": config.attention_kernel,
-                         "dropout": config.dropout})
+    if config.architecture == "SFCN":
+        model = build_model({"name": "SFCN", "dropout": config.dropout})
+    else:
+        model = build_model({"name": "BrainAgeNet", "attention": config.attention,
+                             "attention_kernel": config.attention_kernel,
+                             "dropout": config.dropout})
     _initialise(model, config.init, mean_age)
     model.to(env.device)
     if config.channels_last:
