@@ -63,8 +63,12 @@ CORE_COLUMNS: dict[str, dict[str, Any]] = {
     "predicted_age_cole": {"Description": "Bias-corrected predicted age of de Lange & Cole "
                                           "2020: (predicted_age - b)/a, with a, b fitted on "
                                           "predicted_age = a*age + b (needs no age)", **YEARS},
-    "uncertainty_sd": {"Description": "Prediction uncertainty: standard deviation of the "
-                                      "Monte-Carlo dropout predictions", **YEARS},
+    "uncertainty_sd": {"Description": "Prediction uncertainty in years: the standard "
+                                      "deviation of the Monte-Carlo dropout predictions, "
+                                      "times the model card's calibration scale (fitted on "
+                                      "its validation set so that it matches real errors) "
+                                      "when the card has one; the raw spread otherwise",
+                       **YEARS},
     "qc_pass": {"Description": "Whether the image passed the participant level's "
                                "registration quality control",
                 "Levels": {QC_TRUE: "passed", QC_FALSE: "failed: check the participant report "

@@ -44,6 +44,27 @@ class _PredictOutputSpec(TraitedSpec):
     predicted_age = traits.Float()
 
 
+def _uncertainty(pred: dict, card: dict) -> dict:
+    """The record's uncertainty: the MC-dropout SD, scaled to years when the card can.
+
+    ``calibration_scale`` is fitted on the model's validation set (``evaluation/evaluate.py
+    --write-calibration``) so that ``sd = scale * mc_sd`` matches the size of real errors;
+    without it ``sd`` is the raw spread and ``calibrated`` is false.
+    """
+    scale = (card.get("uncertainty") or {}).get("calibration_scale")
+    mc_sd = float(pred["mc_sd"])
+    calibrated = isinstance(scale, int | float) and scale > 0
+    return {
+        "method": pred["uncertainty_method"],
+        "samples": pred["mc_samples"],
+        "mc_mean": round(float(pred["mc_mean"]), 3),
+        "mc_sd": round(mc_sd, 3),
+        "calibrated": bool(calibrated),
+        "calibration_scale": float(scale) if calibrated else None,
+        "sd": round(mc_sd * float(scale), 3) if calibrated else round(mc_sd, 3),
+    }
+
+
 class PredictBrainAge(SimpleInterface):
     """Normalise as in training, predict, estimate uncertainty, explain, record."""
 
@@ -80,12 +101,7 @@ class PredictBrainAge(SimpleInterface):
             "chronological_age": age,
             "predicted_age": round(predicted, 3),
             "brain_age_gap": None if age is None else round(predicted - float(age), 3),
-            "uncertainty": {
-                "method": pred["uncertainty_method"],
-                "samples": pred["mc_samples"],
-                "mc_mean": round(float(pred["mc_mean"]), 3),
-                "sd": round(float(pred["mc_sd"]), 3),
-            },
+            "uncertainty": _uncertainty(pred, card),
             "corrected_brain_age_gap": {},
             "qc": {},
             "preprocessing": {

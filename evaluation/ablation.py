@@ -1,0 +1,163 @@
+"""The paper's ablation on the IXI split: attention shared / separate / none, and SFCN.
+
+Every variant trains with the same engine, split, optimiser (Adam), learning rate, batch
+size, augmentation and number of epochs (an equal budget), selects its epoch on the same
+validation set, and is then scored once on the held-out test split. The training and
+validation images are those of a reference model card (the shipped model's by default), so
+the ablation and the shipped model see exactly the same data.
+
+SFCN (Peng et al. 2021) is trained as in its paper (soft labels, KL divergence over 2-year
+age bins) but with the shared budget and optimiser, not its own 130-epoch SGD schedule.
+
+Finished variants are skipped and interrupted ones resume, so the command can be rerun::
+
+    python evaluation/ablation.py --derivatives /work/runs/ixi --out /work/runs/ablation \\
+        --epochs 30 --seeds 0 --json docs/evaluation/ablation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from brainage_bids import evaluation as ev
+from brainage_bids.metrics import regression_metrics
+from brainage_bids.model.train import TrainConfig, TrainItem, train_model
+from brainage_bids.model.weights import ModelError, count_parameters, load_model
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from evaluate import DEFAULT_BIDS, split_subjects  # noqa: E402
+
+VARIANTS: dict[str, dict] = {
+    "shared": {"architecture": "BrainAgeNet", "attention": "shared", "loss": "l1"},
+    "separate": {"architecture": "BrainAgeNet", "attention": "separate", "loss": "l1"},
+    "none": {"architecture": "BrainAgeNet", "attention": "none", "loss": "l1"},
+    "sfcn": {"architecture": "SFCN", "loss": "kl"},
+}
+LABELS = {"shared": "BrainAgeNet, one shared attention module (the paper)",
+          "separate": "BrainAgeNet, seven separate attention modules",
+          "none": "BrainAgeNet, no attention",
+          "sfcn": "SFCN (Peng et al. 2021)"}
+
+
+def _items(derivatives: Path, bids: Path, subjects: list[str]) -> list[TrainItem]:
+    return [TrainItem(id=f"sub-{it.id}", image=it.image, mask=it.mask, age=it.age,
+                      group=it.id)
+            for it in ev.preprocessed_items(derivatives, bids, subjects)]
+
+
+def run_variant(name: str, seed: int, args: argparse.Namespace, train: list[TrainItem],
+                val: list[TrainItem], test: list[ev.EvalItem]) -> dict:
+    """Train (or reuse) one variant with one seed and score it on the test split."""
+    model_name = f"ablation-{name}-seed{seed}"
+    out = args.out / "models" / model_name
+    card_path = out / f"{model_name}.json"
+    if not card_path.is_file():
+        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                             seed=seed, device=args.device, model_name=model_name,
+                             num_threads=args.threads, **VARIANTS[name])
+        logging.info("training %s (%d epochs)", model_name, args.epochs)
+        train_model(config, train, val, out, work_dir=args.out / "work" / model_name,
+                    resume=True, progress=sys.stderr.isatty(),
+                    card_extra={"training_data": {"train_ids": [i.id for i in train],
+                                                  "validation_ids": [i.id for i in val]}})
+    model, card = load_model(out)
+    started = time.perf_counter()
+    pred, _ = ev.predict_items(model, test, mc_samples=1, device=args.device)
+    seconds = time.perf_counter() - started
+    metrics = regression_metrics([it.age for it in test], pred)
+    training = card["training"]
+    return {"variant": name, "seed": seed, "n_parameters": count_parameters(model),
+            "epochs": training["epochs_run"], "best_epoch": training["best_epoch"],
+            "train_wall_s": training["wall_time_s"], "device": training["device"],
+            "val_mae": card["validation"]["mae"], "test": metrics,
+            "test_predict_s_per_image": seconds / len(test), "sha256": card["sha256"]}
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """Mean and sample SD over seeds per variant (SD is None for a single seed)."""
+    rows = []
+    for name in VARIANTS:
+        runs = [r for r in results if r["variant"] == name]
+        if not runs:
+            continue
+        row = {"variant": name, "label": LABELS[name], "seeds": [r["seed"] for r in runs],
+               "n_parameters": runs[0]["n_parameters"], "epochs": runs[0]["epochs"],
+               "train_minutes": float(np.mean([r["train_wall_s"] for r in runs])) / 60}
+        for key in ("mae", "rmse", "r"):
+            values = np.array([r["test"][key] for r in runs])
+            row[key] = float(values.mean())
+            row[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else None
+        row["val_mae"] = float(np.mean([r["val_mae"] for r in runs]))
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    def cell(row: dict, key: str, digits: int) -> str:
+        sd = row[f"{key}_sd"]
+        return f"{row[key]:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+    lines = ["| Variant | Parameters | Seeds | Test MAE | Test RMSE | Test r | "
+             "Validation MAE | Training (min) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['label']} | {row['n_parameters']:,} | {len(row['seeds'])} | "
+                     f"{cell(row, 'mae', 2)} | {cell(row, 'rmse', 2)} | {cell(row, 'r', 3)} | "
+                     f"{row['val_mae']:.2f} | {row['train_minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--derivatives", type=Path, required=True,
+                        help="participant-level output directory with preprocessed images")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="where the variants' models and work files go")
+    parser.add_argument("--bids", type=Path, default=DEFAULT_BIDS)
+    parser.add_argument("--split", type=Path, default=HERE / "ixi_split.json")
+    parser.add_argument("--reference", default="default",
+                        help="model whose card gives the training/validation images")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    try:
+        _, card = load_model(args.reference)
+        split = json.loads(args.split.read_text())
+        train_ids, val_ids, test_ids = split_subjects(card, split)
+        train = _items(args.derivatives, args.bids, train_ids)
+        val = _items(args.derivatives, args.bids, val_ids)
+        test = ev.preprocessed_items(args.derivatives, args.bids, test_ids)
+    except (ModelError, ValueError, OSError) as exc:
+        print(f"ablation: {exc}", file=sys.stderr)
+        return 1
+    logging.info("%d train, %d validation, %d test images", len(train), len(val), len(test))
+    results = [run_variant(name, seed, args, train, val, test)
+               for name in args.variants for seed in args.seeds]
+    rows = summarise(results)
+    print(table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        ev.write_json(args.json, {"epochs": args.epochs, "batch_size": args.batch_size,
+                                  "lr": args.lr, "reference_model": card.get("name"),
+                                  "summary": rows, "runs": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The held-out evaluation: metrics with the card's coefficients, baseline, calibration."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from brainage_bids import evaluation as ev
+from brainage_bids.interfaces.model import _uncertainty
+from brainage_bids.metrics import fit_bias
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "evaluation" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_uncertainty_scale_recovers_a_known_factor():
+    rng = np.random.default_rng(0)
+    age = rng.uniform(20, 80, 400)
+    sd = rng.uniform(0.5, 2.0, 400)
+    pred = age + 3.0 * sd * rng.standard_normal(400)
+    scale = ev.fit_uncertainty_scale(age, pred, sd)
+    assert scale == pytest.approx(3.0, rel=0.1)
+    report = ev.uncertainty_report(age, pred, sd, scale)
+    assert report["coverage_1sd"] == pytest.approx(0.683, abs=0.06)
+    assert report["coverage_2sd"] == pytest.approx(0.954, abs=0.04)
+    assert report["coverage_1sd_uncalibrated"] < 0.4
+    with pytest.raises(ValueError, match="positive"):
+        ev.fit_uncertainty_scale(age, pred, np.zeros(400))
+
+
+def test_evaluate_uses_the_cards_coefficients_and_the_training_mean():
+    rng = np.random.default_rng(1)
+    val_age, test_age = rng.uniform(20, 80, 60), rng.uniform(20, 80, 40)
+
+    def shrunk(a):  # regression to the mean, as brain-age models do
+        return 0.6 * a + 20 + rng.normal(0, 2, a.size)
+
+    val_pred, test_pred = shrunk(val_age), shrunk(test_age)
+    card = {"bias_correction": {"beheshti": fit_bias("beheshti", val_age, val_pred),
+                                "cole": fit_bias("cole", val_age, val_pred),
+                                "smith": {"method": "smith", "error": "too few"}}}
+    report = ev.evaluate(test_age, test_pred, card, train_mean_age=50.0)
+    assert report["n"] == 40
+    assert report["uncorrected"]["r_gap_age"] < -0.7
+    assert set(report["corrected"]) == {"beheshti", "cole"}
+    for method in ("beheshti", "cole"):
+        # coefficients from other data: the dependence shrinks but is not exactly zero
+        assert abs(report["corrected"][method]["r_gap_age"]) < 0.4
+        assert report["corrected"][method]["r_gap_age"] != pytest.approx(0.0, abs=1e-9)
+    assert report["baseline"]["mae"] == pytest.approx(np.abs(test_age - 50.0).mean())
+    assert report["mae_over_baseline"] == pytest.approx(
+        report["uncorrected"]["mae"] / report["baseline"]["mae"])
+
+
+def test_record_sd_is_calibrated_only_with_a_card_scale():
+    pred = {"uncertainty_method": "mc-dropout", "mc_samples": 20, "mc_mean": 50.2,
+            "mc_sd": 1.5}
+    raw = _uncertainty(pred, {})
+    assert (raw["sd"], raw["mc_sd"], raw["calibrated"], raw["calibration_scale"]) == (
+        1.5, 1.5, False, None)
+    scaled = _uncertainty(pred, {"uncertainty": {"calibration_scale": 4.0}})
+    assert (scaled["sd"], scaled["mc_sd"], scaled["calibrated"]) == (6.0, 1.5, True)
+
+
+def test_split_subjects_refuses_test_participants_seen_in_training():
+    evaluate = _script("evaluate")
+    split = json.loads((REPO / "evaluation" / "ixi_split.json").read_text())
+    card = {"training_data": {"train_ids": [f"sub-{s}" for s in split["trainval"][:100]],
+                              "validation_ids": [f"sub-{s}" for s in split["trainval"][100:]]}}
+    train, val, test = evaluate.split_subjects(card, split)
+    assert len(train) == 100 and len(val) == 20 and len(test) >= 25
+    card["training_data"]["validation_ids"].append(f"sub-{split['test'][0]}")
+    with pytest.raises(ValueError, match=split["test"][0]):
+        evaluate.split_subjects(card, split)
+    with pytest.raises(ValueError, match="train_ids"):
+        evaluate.split_subjects({}, split)
+
+
+def test_split_is_disjoint_stratified_and_large_enough():
+    split = json.loads((REPO / "evaluation" / "ixi_split.json").read_text())
+    assert not set(split["test"]) & set(split["trainval"])
+    assert len(split["test"]) >= 25
+    sample = sorted(p.name.removeprefix("sub-")
+                    for p in (REPO / "examples" / "ixi-sample").glob("sub-*"))
+    assert set(sample) <= set(split["test"])  # the shipped sample is never trained on
+
+
+def test_missing_preprocessing_is_named(tmp_path):
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    (bids / "participants.tsv").write_text("participant_id\tage\nsub-01\t40\nsub-02\tn/a\n")
+    with pytest.raises(ValueError, match=r"sub-01: not preprocessed.*sub-02: no age"):
+        ev.preprocessed_items(tmp_path / "out", bids, ["01", "sub-02"])
+
+
+def test_scatter_plot_is_an_svg_with_the_metrics(tmp_path):
+    age = np.array([25.0, 40.0, 60.0, 75.0])
+    ev.scatter_plot(tmp_path / "s.svg", age, age + np.array([1, -2, 3, -1]), title="t",
+                    sd=np.ones(4))
+    svg = (tmp_path / "s.svg").read_text()
+    assert "<svg" in svg and "MAE 1.75" in svg
+
+
+def test_ablation_summary_gives_mean_and_spread_over_seeds():
+    ablation = _script("ablation")
+
+    def run(variant, seed, mae):
+        return {"variant": variant, "seed": seed, "n_parameters": 10, "epochs": 3,
+                "train_wall_s": 60.0, "val_mae": mae, "test": {"mae": mae, "rmse": mae + 1,
+                                                               "r": 0.9}}
+
+    rows = ablation.summarise([run("shared", 0, 5.0), run("shared", 1, 7.0),
+                               run("sfcn", 0, 6.0)])
+    assert [r["variant"] for r in rows] == ["shared", "sfcn"]
+    assert rows[0]["mae"] == 6.0 and rows[0]["mae_sd"] == pytest.approx(np.sqrt(2))
+    assert rows[1]["mae_sd"] is None
+    text = ablation.table(rows)
+    assert "6.00 ± 1.41" in text and "SFCN (Peng et al. 2021)" in text
