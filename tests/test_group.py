@@ -374,3 +374,8 @@ def test_unfitted_card_coefficients_fall_back_to_this_group(study, tmp_path):
     np.testing.assert_allclose(table["brain_age_gap_beheshti"][known],
                                ((pred - age) - (a * age + b))[known], atol=1e-6)
     assert "this group" in json.dumps(sidecar)
+    from brainage_bids.reports.render import write_group_report
+
+    html = write_group_report(tmp_path, table, sidecar).read_text()
+    sources = html.split("Coefficients from</dt><dd>")[1].split("</dd>")[0]
+    assert "the model card has no coefficients" in sources and "from the model card" not in html

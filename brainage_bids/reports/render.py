@@ -438,5 +438,7 @@ def write_group_report(output_dir: Path, table, sidecar: dict[str, Any]) -> Path
         metrics=_metrics_rows(summary), coefficients=_coefficient_rows(summary),
         figures=_group_figures(table, summary), headers=headers,
         rows=_table_rows(table, columns, output_dir), models=summary.get("Models", []),
-        reference=summary.get("BiasReference"))
+        sources=[(METHOD_LABELS.get(method, method), entry.get("Source", "n/a"))
+                 for method, entry in (summary.get("BiasCorrection") or {}).items()
+                 if isinstance(entry, dict)])
     return atomic_write_text(output_dir / "group_brainage.html", html)
