@@ -14,7 +14,8 @@ Variants:
                     its cost), ``engine-contiguous`` (no channels_last_3d),
                     ``engine-prefetch``/``engine-noprefetch``, ``engine-bf16`` (autocast),
                     ``engine-defaultinit`` (torch's init instead of He),
-                    ``engine-nomalloc`` (glibc's default mmap thresholds).
+                    ``engine-nomalloc`` (glibc's default mmap thresholds),
+                    ``engine-sfcn`` (the SFCN peer with its soft-label loss).
 
 Usage::
 
@@ -43,7 +44,7 @@ MODIFIERS: dict[str, dict[str, object]] = {
     "aug": {"augment": True}, "contiguous": {"channels_last": False},
     "prefetch": {"prefetch": True}, "noprefetch": {"prefetch": False},
     "bf16": {"precision": "bf16"}, "defaultinit": {"init": "default"},
-    "nomalloc": {"tune_malloc": False},
+    "nomalloc": {"tune_malloc": False}, "sfcn": {"architecture": "SFCN", "loss": "kl"},
 }
 SHAPE = (91, 109, 91)
 
@@ -72,16 +73,25 @@ def _faults() -> int:
 FAULTS: list[int] = []  # minor page faults per step of the variant being run
 
 
-def _plain(batch: int, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _plain(batch: int, steps: int, warmup: int,
+           device_name: str = "cpu") -> tuple[list[float], list[float]]:
     import torch
 
     from brainage_bids.model.net import BrainAgeNet
 
+    device = torch.device(device_name)
     torch.manual_seed(0)
     volume = torch.from_numpy(_template_volume())
-    x = torch.stack([volume[None] * (1 + 0.01 * i) for i in range(batch)])
-    y = torch.linspace(20, 80, batch)[:, None]
-    model = BrainAgeNet().train()
+    x = torch.stack([volume[None] * (1 + 0.01 * i) for i in range(batch)]).to(device)
+    y = torch.linspace(20, 80, batch)[:, None].to(device)
+    model = BrainAgeNet().train().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     times, cpu = [], []
     for _ in range(warmup + steps):
@@ -89,14 +99,15 @@ def _plain(batch: int, steps: int, warmup: int) -> tuple[list[float], list[float
         optimizer.zero_grad()
         torch.nn.functional.l1_loss(model(x), y).backward()
         optimizer.step()
+        _sync(device)
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
         FAULTS.append(_faults() - faults)
     return times[warmup:], cpu[warmup:]
 
 
-def _engine(variant: str, batch: int, steps: int,
-            warmup: int) -> tuple[list[float], list[float]]:
+def _engine(variant: str, batch: int, steps: int, warmup: int,
+            device_name: str = "cpu") -> tuple[list[float], list[float]]:
     import numpy as np
     import torch
 
@@ -108,7 +119,10 @@ def _engine(variant: str, batch: int, steps: int,
         overrides.update(MODIFIERS[token])
     config = engine.TrainConfig(batch_size=batch, num_threads=torch.get_num_threads(),
                                 **overrides)
-    env = engine._Dist(0, 1, 0, torch.device("cpu"), False)
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    env = engine._Dist(0, 1, 0, device, False)
     if config.tune_malloc:
         engine._tune_malloc()
     volume = _template_volume()
@@ -124,13 +138,14 @@ def _engine(variant: str, batch: int, steps: int,
         cache = VolumeCache(path)
         ages = np.linspace(20, 80, n_items).astype(np.float32)
         torch.manual_seed(0)
-        model = engine.build_model({"name": "BrainAgeNet"})
+        model = engine.build_model({"name": config.architecture})
         engine._initialise(model, config.init, float(ages.mean()))
+        model.to(device)
         if config.channels_last:
             model.to(memory_format=torch.channels_last_3d)
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-        augmenter = Augmenter() if config.augment else None
+        augmenter = Augmenter(device=device) if config.augment else None
         times: list[float] = []
         cpu: list[float] = []
         epoch = 0
@@ -138,6 +153,7 @@ def _engine(variant: str, batch: int, steps: int,
         while len(times) < warmup + steps:
             for item in engine._epoch_batches(config, env, cache, ages, epoch, augmenter):
                 engine._train_step(model, optimizer, item, config, env)
+                _sync(device)
                 now, now_cpu, now_faults = time.perf_counter(), time.process_time(), _faults()
                 times.append(now - start)  # includes any batch preparation not overlapped
                 cpu.append(now_cpu - start_cpu)
@@ -150,23 +166,26 @@ def _engine(variant: str, batch: int, steps: int,
 
 
 def run_variant(variant: str, batch: int, steps: int, warmup: int,
-                threads: int | None) -> dict[str, float | str | int]:
+                threads: int | None, device: str = "cpu") -> dict[str, float | str | int]:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    times, cpu = (_plain(batch, steps, warmup) if variant == "plain"
-                  else _engine(variant, batch, steps, warmup))
+    times, cpu = (_plain(batch, steps, warmup, device) if variant == "plain"
+                  else _engine(variant, batch, steps, warmup, device))
     median = statistics.median(times)
     # CPU seconds per step (all threads) are far less sensitive than wall time to other
     # processes on a shared machine; volumes per CPU-second compares variants' work.
     median_cpu = statistics.median(cpu)
-    return {"variant": variant, "batch_size": batch, "threads": torch.get_num_threads(),
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
+            else _peak_mb())
+    return {"variant": variant, "device": device, "batch_size": batch,
+            "threads": torch.get_num_threads(),
             "median_step_s": round(median, 4), "volumes_per_s": round(batch / median, 3),
             "median_step_cpu_s": round(median_cpu, 4),
             "volumes_per_cpu_s": round(batch / median_cpu, 3),
             "minor_faults_per_step": int(statistics.median(FAULTS[warmup:])),
-            "step_times_s": [round(t, 4) for t in times], "peak_rss_mb": round(_peak_mb(), 1)}
+            "step_times_s": [round(t, 4) for t in times], "peak_rss_mb": round(peak, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,12 +200,14 @@ def main(argv: list[str] | None = None) -> int:
                              f"{','.join(MODIFIERS)}")
     parser.add_argument("--repeats", type=int, default=1,
                         help="round-robin repetitions of every variant")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (peak memory is "
+                        "then the GPU's max allocated)")
     parser.add_argument("--json", type=Path, help="write all numbers here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_variant(args.one, args.batch_size, args.steps, args.warmup,
-                                     args.threads)))
+                                     args.threads, args.device)))
         return 0
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for variant in variants:
@@ -204,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             cmd = [sys.executable, __file__, "--one", variant, "--batch-size",
                    str(args.batch_size), "--steps", str(args.steps), "--warmup",
-                   str(args.warmup)]
+                   str(args.warmup), "--device", args.device]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
