@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create ./.venv and install brainage-bids (editable) with its test tools. Safe to rerun.
+# Create ./.venv and install brainage-bids (editable) with its test and docs tools. Safe to rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -12,4 +12,4 @@ python -m pip install -q --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,docs]"

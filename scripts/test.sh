@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The tests: set up, lint, then the whole suite (slow real-data tests included).
+# The tests: set up, lint, build the docs (warnings are errors), then the whole suite (slow
+# real-data tests included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -7,4 +8,7 @@ bash scripts/setup.sh
 bash scripts/install_chromium.sh
 . .venv/bin/activate
 ruff check .
+site=$(mktemp -d)
+trap 'rm -rf "$site"' EXIT
+mkdocs build --strict --quiet --site-dir "$site"
 python -m pytest "$@"
