@@ -10,8 +10,9 @@
 #    build uses this machine's pip configuration (index, extra indexes, wheel folders, CA
 #    bundle), passed as build arguments and mounted read-only, never copied into the image;
 # 3. run: participant then group on examples/ixi-sample inside the image, the way
-#    `docker run --read-only --tmpfs /tmp --user brainage` runs it: the image's root filesystem
-#    mounted read-only, only /tmp, /out and /work writable, as the image's non-root user;
+#    `docker run --read-only --tmpfs /tmp --network none` runs it: the image's root filesystem
+#    mounted read-only, only /tmp, /out and /work writable, no network, as the image's
+#    non-root user;
 # 4. check the output file list against .circleci/expected_outputs.txt, then print the build
 #    time, the image size and the run time.
 #
@@ -185,9 +186,10 @@ if [ -n "$MODEL" ]; then
 fi
 
 in_image() {
-    # docker run --read-only --tmpfs /tmp -v sample:/data:ro -v out:/out -v work:/work
-    #            [-v models:/models:ro] IMAGE "$@", without a container engine
-    unshare --mount --fork -- bash -euo pipefail -c '
+    # docker run --read-only --tmpfs /tmp --network none -v sample:/data:ro -v out:/out
+    #            -v work:/work [-v models:/models:ro] IMAGE "$@", without a container engine;
+    # no network at all, so a download at run time would fail the proof
+    unshare --mount --net --fork -- bash -euo pipefail -c '
         root=$1 ids=$2 workdir=$3 bids=$4 out=$5 work=$6 models=$7; shift 7
         mount --make-rprivate /
         mount --bind "$root" "$root" && mount -o remount,bind,ro "$root"
@@ -205,7 +207,8 @@ in_image() {
         "$OUT/work" "$MODEL_MOUNT" "${IMAGE_ENV[@]}" "${ENTRYPOINT[@]}" "$@"
 }
 
-echo "== participant + group on examples/ixi-sample inside $TAG (read-only, user $IMAGE_USER)"
+echo "== participant + group on examples/ixi-sample inside $TAG" \
+     "(read-only, no network, user $IMAGE_USER)"
 RUN_START=$(date +%s)
 in_image /data /out participant -w /work --nprocs 2 --omp-nthreads 1 "${MODEL_ARGS[@]}"
 in_image /data /out group "${MODEL_ARGS[@]}"

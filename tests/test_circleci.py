@@ -107,7 +107,7 @@ def test_build_test_and_deploy_jobs(config):
 
 def test_sample_job_compares_with_the_committed_list(config):
     sample = _commands(config["jobs"]["sample"])
-    assert "--read-only" in sample
+    assert "--read-only" in sample and "--network none" in sample  # no run-time downloads
     assert sample.index(" participant ") < sample.index("run group")
     assert ".circleci/list_outputs.sh" in sample
     assert "diff -u .circleci/expected_outputs.txt" in sample
