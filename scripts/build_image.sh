@@ -116,10 +116,14 @@ pip_setting() {
     fi
     echo "$value"
 }
+VCS_REF=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+BUILD_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 BUILD_ARGS=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg INSTALL_FSL=0
             --build-arg "VERSION=$VERSION"
-            --build-arg "VCS_REF=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-            --build-arg "BUILD_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+            --build-arg "VCS_REF=$VCS_REF" --build-arg "BUILD_DATE=$BUILD_DATE"
+            # again as labels: buildah reuses a cached LABEL step even when these changed
+            --label "org.opencontainers.image.revision=$VCS_REF"
+            --label "org.opencontainers.image.created=$BUILD_DATE"
             --build-arg "TORCH_SPEC=torch==${TORCH_VERSION:-2.13.0}"
             # empty: torch comes through the same pip configuration as everything else
             --build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-}")
