@@ -94,6 +94,7 @@ ENV PATH=/opt/venv/bin:/opt/fsl/bin:${PATH} \
     MKL_NUM_THREADS=1 \
     OPENBLAS_NUM_THREADS=1 \
     ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 \
+    BRAINAGE_WORK_DIR=/work \
     BRAINAGE_BIDS_CONTAINER=brainage-bids:${VERSION}
 
 LABEL org.opencontainers.image.title="brainage-bids" \

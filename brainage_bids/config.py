@@ -55,6 +55,7 @@ class Settings:
     attention: str = "shared"
     resume: bool = False
     patience: int | None = None
+    dropout: float = 0.2
     augment: bool = True
     model_name: str | None = None
     # group level

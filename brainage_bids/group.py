@@ -50,8 +50,9 @@ CORE_COLUMNS: dict[str, dict[str, Any]] = {
     "run": {"Description": "Run index of the T1w image; n/a when the image has no run entity"},
     "age": {"Description": "Chronological age at the scan (sessions.tsv when it gives one for "
                            "the session, else participants.tsv)", **YEARS},
-    "predicted_age": {"Description": "Brain age predicted by the model (mean of the "
-                                     "Monte-Carlo dropout samples)", **YEARS},
+    "predicted_age": {"Description": "Brain age predicted by the model (one deterministic "
+                                     "pass, dropout off; the Monte-Carlo dropout samples "
+                                     "give only uncertainty_sd)", **YEARS},
     "brain_age_gap": {"Description": "Uncorrected brain-age gap: predicted_age - age", **YEARS},
     "brain_age_gap_beheshti": {"Description": "Brain-age gap corrected as in Beheshti et al. "
                                               "2019: gap - (a*age + b), with a, b fitted on "
@@ -86,6 +87,8 @@ QC_DESCRIPTIONS: dict[str, dict[str, Any]] = {
     "correlation": {"Description": "Pearson correlation of the registered brain with the "
                                    "template brain inside the template mask"},
     "mask_volume_ml": {"Description": "Volume of the native-space brain mask", "Units": "mL"},
+    "mask_mni_volume_ml": {"Description": "Volume of the brain mask in MNI152NLin6Asym space "
+                                          "(after the 12-dof affine)", "Units": "mL"},
     "brain_volume_ml": {"Description": "Volume of the native-space brain mask", "Units": "mL"},
 }
 METRIC_NAMES = {"n": "N", "mae": "MAE", "rmse": "RMSE", "r": "r", "r2": "R2",

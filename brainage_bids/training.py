@@ -148,6 +148,7 @@ def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Call
         epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
         loss=settings.loss, attention=settings.attention, seed=settings.seed,
         device=settings.device, patience=settings.patience, augment=settings.augment,
+        dropout=settings.dropout,
         # one training process: it gets every CPU the run was given, not one worker's share
         num_threads=settings.nprocs, val_fraction=settings.val_fraction,
         model_name=name)

@@ -152,3 +152,20 @@ def test_train_with_non_numeric_age(tiny_bids, tmp_path, capsys):
     (tiny_bids / "participants.tsv").write_text("participant_id\tage\nsub-IXI013\told\n")
     assert main([str(tiny_bids), str(tmp_path / "out"), "train"]) == 1
     assert "'old' is not a number" in _one_error_line(capsys)
+
+
+def test_work_dir_default_and_container_variable(sample_bids, tmp_path, monkeypatch):
+    args = [str(sample_bids), str(tmp_path / "out"), "participant"]
+    monkeypatch.delenv("BRAINAGE_WORK_DIR", raising=False)
+    assert parse_settings(args).work_dir == tmp_path / "out_work"
+    monkeypatch.setenv("BRAINAGE_WORK_DIR", str(tmp_path / "scratch"))
+    assert parse_settings(args).work_dir == tmp_path / "scratch"
+    assert parse_settings([*args, "-w", str(tmp_path / "w")]).work_dir == tmp_path / "w"
+
+
+def test_dropout_option_is_a_probability(sample_bids, tmp_path, capsys):
+    args = [str(sample_bids), str(tmp_path / "out"), "train"]
+    assert parse_settings([*args, "--dropout", "0.2"]).dropout == 0.2
+    with pytest.raises(SystemExit) as exc:
+        parse_settings([*args, "--dropout", "1.5"])
+    assert exc.value.code == 2 and "probability" in capsys.readouterr().err

@@ -51,6 +51,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _dropout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {value}")
+    return value
+
+
 def _label(prefix: str):
     def strip(text: str) -> str:
         label = text.removeprefix(f"{prefix}-")
@@ -98,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     perf = parser.add_argument_group("performance")
     perf.add_argument("-w", "--work-dir", type=Path, default=None,
-                      help="intermediate files; reuse it to resume (default: OUTPUT_DIR/../work)")
+                      help="intermediate files; reuse it to resume (default: "
+                           "$BRAINAGE_WORK_DIR when set, as in the container, else "
+                           "OUTPUT_DIR_work beside OUTPUT_DIR)")
     perf.add_argument("--nprocs", "--n-cpus", type=_positive_int, default=os.cpu_count() or 1,
                       help="images processed in parallel (nipype MultiProc)")
     perf.add_argument("--omp-nthreads", type=_positive_int, default=None,
@@ -132,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="validation share, stratified by age")
     train.add_argument("--attention", choices=ATTENTION_VARIANTS, default="shared",
                        help="the paper's ablation variants")
+    train.add_argument("--dropout", type=_dropout, default=0.2,
+                       help="dropout probability of the two dropout layers (also the "
+                            "MC-dropout of the uncertainty)")
     train.add_argument("--patience", type=_positive_int, default=None,
                        help="early stopping after this many epochs without a better "
                             "validation MAE (default: off)")
@@ -196,8 +211,13 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
             "directory outside it (the input dataset is never written)")
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"output directory {args.output_dir} exists and is not a directory")
-    work_dir = (args.work_dir.expanduser().resolve() if args.work_dir
-                else output_dir.parent / f"{output_dir.name}_work")
+    env_work = os.environ.get("BRAINAGE_WORK_DIR")
+    if args.work_dir:
+        work_dir = args.work_dir.expanduser().resolve()
+    elif env_work:
+        work_dir = Path(env_work).expanduser().resolve()
+    else:
+        work_dir = output_dir.parent / f"{output_dir.name}_work"
     if _inside(work_dir, bids_dir):
         raise UsageError(f"work directory {work_dir} is inside the BIDS directory")
     omp = args.omp_nthreads or min(args.nprocs, 8)
@@ -229,6 +249,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         attention=args.attention,
         resume=args.resume,
         patience=args.patience,
+        dropout=args.dropout,
         augment=args.augment,
         model_name=args.model_name,
         bias_method=args.bias_method,
