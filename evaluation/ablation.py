@@ -9,10 +9,15 @@ the ablation and the shipped model see exactly the same data.
 SFCN (Peng et al. 2021) is trained as in its paper (soft labels, KL divergence over 2-year
 age bins) but with the shared budget and optimiser, not its own 130-epoch SGD schedule.
 
+With ``--shared-from-reference`` the reference model itself is the "shared" row, after a
+check that it was trained with the same budget (epochs, patience, batch size, learning rate,
+seed); the shipped model is then one of the compared models, not a retrained copy.
+
 Finished variants are skipped and interrupted ones resume, so the command can be rerun::
 
     python evaluation/ablation.py --derivatives /work/runs/ixi --out /work/runs/ablation \\
-        --epochs 30 --seeds 0 --json docs/evaluation/ablation.json
+        --epochs 100 --patience 25 --seeds 42 --shared-from-reference \\
+        --json docs/evaluation/ablation.json
 """
 
 from __future__ import annotations
@@ -53,16 +58,31 @@ def _items(derivatives: Path, bids: Path, subjects: list[str]) -> list[TrainItem
             for it in ev.preprocessed_items(derivatives, bids, subjects)]
 
 
+def _check_budget(card: dict, args: argparse.Namespace, seed: int) -> None:
+    """The reference model must have had the ablation's budget to stand in for "shared"."""
+    config = card["training"]["config"]
+    wanted = {"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size,
+              "lr": args.lr, "seed": seed, "attention": "shared", "augment": True}
+    differing = {k: (config.get(k), v) for k, v in wanted.items() if config.get(k) != v}
+    if differing:
+        raise ValueError(f"the reference model was trained differently (card, ablation): "
+                         f"{differing}")
+
+
 def run_variant(name: str, seed: int, args: argparse.Namespace, train: list[TrainItem],
                 val: list[TrainItem], test: list[ev.EvalItem]) -> dict:
     """Train (or reuse) one variant with one seed and score it on the test split."""
     model_name = f"ablation-{name}-seed{seed}"
     out = args.out / "models" / model_name
     card_path = out / f"{model_name}.json"
-    if not card_path.is_file():
+    if name == "shared" and args.shared_from_reference:
+        out = Path(load_model(args.reference)[1]["weights_path"])
+        _check_budget(json.loads(out.with_suffix(".json").read_text()), args, seed)
+    elif not card_path.is_file():
         config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              seed=seed, device=args.device, model_name=model_name,
-                             num_threads=args.threads, **VARIANTS[name])
+                             patience=args.patience, num_threads=args.threads,
+                             **VARIANTS[name])
         logging.info("training %s (%d epochs)", model_name, args.epochs)
         train_model(config, train, val, out, work_dir=args.out / "work" / model_name,
                     resume=True, progress=sys.stderr.isatty(),
@@ -128,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--patience", type=int, default=None,
+                        help="early stopping on the validation MAE (as the train level)")
+    parser.add_argument("--shared-from-reference", action="store_true",
+                        help="use the reference model as the 'shared' row")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--device", default="auto")
@@ -147,14 +171,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ablation: {exc}", file=sys.stderr)
         return 1
     logging.info("%d train, %d validation, %d test images", len(train), len(val), len(test))
-    results = [run_variant(name, seed, args, train, val, test)
-               for name in args.variants for seed in args.seeds]
+    try:
+        results = [run_variant(name, seed, args, train, val, test)
+                   for name in args.variants for seed in args.seeds]
+    except (ModelError, ValueError) as exc:
+        print(f"ablation: {exc}", file=sys.stderr)
+        return 1
     rows = summarise(results)
     print(table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        ev.write_json(args.json, {"epochs": args.epochs, "batch_size": args.batch_size,
-                                  "lr": args.lr, "reference_model": card.get("name"),
+        ev.write_json(args.json, {"epochs": args.epochs, "patience": args.patience,
+                                  "batch_size": args.batch_size, "lr": args.lr,
+                                  "reference_model": card.get("name"),
+                                  "shared_is_reference": args.shared_from_reference,
                                   "summary": rows, "runs": results})
     return 0
 
