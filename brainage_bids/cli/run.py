@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
-def _select_images(settings: Settings):
+def select_images(settings: Settings) -> list:
+    """Every T1w image the settings select (pybids query, labels, filter file)."""
     from brainage_bids.bids import collect_t1w, load_layout
 
     layout = load_layout(settings.bids_dir, validate=not settings.skip_bids_validation)
@@ -106,7 +107,7 @@ def run_participant(settings: Settings) -> int:
     from brainage_bids.workflows.participant import init_participant_wf
     from brainage_bids.workflows.preproc import resolve_backend
 
-    images = _select_images(settings)
+    images = select_images(settings)
     backend = resolve_backend(settings.preproc)
     model, card = _resolve_model(settings.model, settings.device)
     architecture = card.get("architecture", {})
@@ -185,7 +186,7 @@ def run_train(settings: Settings) -> int:
     from brainage_bids.bids import write_dataset_description
     from brainage_bids.training import train_from_bids
 
-    images = _select_images(settings)
+    images = select_images(settings)
     write_dataset_description(settings.output_dir, settings.bids_dir)
     card = train_from_bids(settings, images, execute=execute)
     LOG.info("model written: %s (validation MAE %.2f years)",

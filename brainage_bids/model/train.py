@@ -115,7 +115,7 @@ class TrainConfig:
     lr: float = 1e-4
     loss: str = "l1"
     attention: str = "shared"
-    dropout: float = 0.5
+    dropout: float = 0.2  # the paper gives no rate; 0.5 did not learn on IXI in 12 epochs
     seed: int = 42
     device: str = "auto"
     patience: int | None = None
