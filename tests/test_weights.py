@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ from brainage_bids.model.weights import (
     registry,
     save_model,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -162,11 +165,23 @@ def test_sfcn_peer_round_trips(tmp_path):
 
 # --------------------------------------------------------------------------- registry
 
-def test_shipped_registry_is_empty_and_says_so():
+def test_shipped_default_model_is_verified_and_documented():
     data = registry()
-    assert data["default"] is None and data["models"] == []
-    with pytest.raises(ModelError, match="no model ships yet; pass --model PATH"):
-        load_model("default")
+    entry = next(m for m in data["models"] if m["name"] == data["default"])
+    assert {"name", "file", "card", "sha256", "training_cohort", "age_range",
+            "licence"} <= set(entry)
+    _, card = load_model("default")  # verifies the sha256 against card and registry
+    assert card["uncertainty"]["calibration_scale"] > 0
+    assert card["sha256"] == entry["sha256"] and card["name"] == entry["name"]
+    assert card["architecture"]["name"] == "BrainAgeNet"
+    assert card["architecture"]["attention"] == "shared"
+    assert card["architecture"]["n_parameters"] == 5408228
+    assert "CC BY-SA 3.0" in card["training_data"]["licence"]
+    assert entry["age_range"] == card["training"]["age_range"]
+    test = set(json.loads((REPO / "evaluation" / "ixi_split.json").read_text())["test"])
+    seen = {i.removeprefix("sub-") for i in (card["training_data"]["train_ids"]
+                                            + card["training_data"]["validation_ids"])}
+    assert not test & seen, "the default model saw test participants"
     with pytest.raises(ModelError, match="known names: default"):
         load_model("ixi-2026")
 
