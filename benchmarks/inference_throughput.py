@@ -30,11 +30,12 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from importlib import resources
 from pathlib import Path
+
+from rounds import run_rounds
 
 DEFAULT_VARIANTS = ("ours-plain", "ours-fast", "ours-fastnocl", "ours-bf16", "sfcn-plain",
                     "sfcn-fast")
@@ -166,29 +167,22 @@ def main(argv: list[str] | None = None) -> int:
         if kind not in ("ours", "sfcn") or setting not in SETTINGS:
             parser.error(f"unknown variant {variant!r}: MODEL-SETTING with MODEL in ours, "
                          f"sfcn and SETTING in {', '.join(SETTINGS)}")
-    repo = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [repo, *filter(None, [os.environ.get("PYTHONPATH")])])}
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
-    for repeat in range(args.repeats):
-        for variant in variants:
-            cmd = [sys.executable, __file__, "--one", variant, "--batch-size",
-                   str(args.batch_size), "--batches", str(args.batches), "--warmup",
-                   str(args.warmup), "--device", args.device]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            if args.model:
-                cmd += ["--model", args.model]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-            if done.returncode:
-                print(done.stderr, file=sys.stderr)
-                return done.returncode
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            runs[variant].append(result)
-            print(f"[{repeat + 1}/{args.repeats}] {variant:16s} {result['volumes_per_s']:8.2f} "
-                  f"volumes/s ({result['volumes_per_forward']} per forward, "
-                  f"{result['threads']} threads, max diff {result['max_abs_diff_years']:.2g} y, "
-                  f"peak {result['peak_memory_mb']:.0f} MB)", flush=True)
+    one_args = ["--batch-size", str(args.batch_size), "--batches", str(args.batches),
+                "--warmup", str(args.warmup), "--device", args.device]
+    if args.threads:
+        one_args += ["--threads", str(args.threads)]
+    if args.model:
+        one_args += ["--model", args.model]
+
+    def report(repeat: int, variant: str, result: dict) -> None:
+        print(f"[{repeat + 1}/{args.repeats}] {variant:16s} {result['volumes_per_s']:8.2f} "
+              f"volumes/s ({result['volumes_per_forward']} per forward, "
+              f"{result['threads']} threads, max diff {result['max_abs_diff_years']:.2g} y, "
+              f"peak {result['peak_memory_mb']:.0f} MB)", flush=True)
+
+    runs = run_rounds(__file__, variants, args.repeats, one_args, report)
+    if isinstance(runs, int):
+        return runs
     summary = {}
     for variant, results in runs.items():
         rates = [r["volumes_per_s"] for r in results]

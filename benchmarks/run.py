@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rounds import repo_env
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SAMPLE = REPO / "examples" / "ixi-sample"
@@ -43,9 +45,7 @@ COLIN = REPO.parent / "shared" / "data" / "colin27" / "ch2.nii.gz"
 
 
 def _env(threads: int) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)}
+    return repo_env(ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads))
 
 
 def _json_run(cmd: list[str], threads: int) -> dict:

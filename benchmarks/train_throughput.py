@@ -31,12 +31,13 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from importlib import resources
 from pathlib import Path
+
+from rounds import run_rounds
 
 DEFAULT_VARIANTS = ("plain", "engine", "engine-aug")
 #: ``engine-<modifier>-<modifier>...`` changes the engine's defaults.
@@ -215,33 +216,24 @@ def main(argv: list[str] | None = None) -> int:
         if (head, mods) != ("plain", []) and (head != "engine" or set(mods) - set(MODIFIERS)):
             parser.error(f"unknown variant {variant!r}: use plain or engine[-MOD...] with "
                          f"MOD in {sorted(MODIFIERS)}")
-    repo = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [repo, *filter(None, [os.environ.get("PYTHONPATH")])])}
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
-    # Round-robin repeats: on a shared machine the load drifts over minutes, and
-    # interleaving keeps that drift from favouring whichever variant ran in a quiet spell.
-    for repeat in range(args.repeats):
-        for variant in variants:
-            cmd = [sys.executable, __file__, "--one", variant, "--batch-size",
-                   str(args.batch_size), "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--device", args.device]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-            if done.returncode:
-                print(done.stderr, file=sys.stderr)
-                return done.returncode
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            result["load_average_1min"] = os.getloadavg()[0]
-            runs[variant].append(result)
-            print(f"[{repeat + 1}/{args.repeats}] {variant:22s} "
-                  f"{result['volumes_per_s']:6.2f} volumes/s, "
-                  f"{result['volumes_per_cpu_s']:5.2f} per CPU-s (median step "
-                  f"{result['median_step_s']:.2f} s, {result['minor_faults_per_step']} faults, "
-                  f"{result['threads']} threads, peak RSS "
-                  f"{result['peak_rss_mb']:.0f} MB, load {result['load_average_1min']:.1f})",
-                  flush=True)
+    one_args = ["--batch-size", str(args.batch_size), "--steps", str(args.steps),
+                "--warmup", str(args.warmup), "--device", args.device]
+    if args.threads:
+        one_args += ["--threads", str(args.threads)]
+
+    def report(repeat: int, variant: str, result: dict) -> None:
+        result["load_average_1min"] = os.getloadavg()[0]
+        print(f"[{repeat + 1}/{args.repeats}] {variant:22s} "
+              f"{result['volumes_per_s']:6.2f} volumes/s, "
+              f"{result['volumes_per_cpu_s']:5.2f} per CPU-s (median step "
+              f"{result['median_step_s']:.2f} s, {result['minor_faults_per_step']} faults, "
+              f"{result['threads']} threads, peak RSS "
+              f"{result['peak_rss_mb']:.0f} MB, load {result['load_average_1min']:.1f})",
+              flush=True)
+
+    runs = run_rounds(__file__, variants, args.repeats, one_args, report)
+    if isinstance(runs, int):
+        return runs
     summary = {}
     for variant, results in runs.items():
         rates = [r["volumes_per_s"] for r in results]
