@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from brainage_bids.model import BrainAgeNet, SpatialAttention3d
+from brainage_bids.model import BrainAgeNet, SpatialAttention3d, blocks
+from brainage_bids.model.blocks import ConvBlock3d, DepthTapConv3d
 from brainage_bids.model.net import INPUT_SHAPE
 from brainage_bids.model.sfcn import SFCN, gaussian_soft_labels, soft_label_loss
 
@@ -199,6 +200,73 @@ def test_compiled_copy_gives_the_same_output() -> None:
     compiled = torch.compile(model)
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x), atol=1e-5, rtol=0)
+
+
+# --- the CPU inference paths compute the same numbers ----------------------------------
+
+@pytest.mark.parametrize(("c_in", "c_out", "k", "shape"), [
+    (2, 1, 7, (9, 11, 8)),    # the attention's conv; depth larger than the kernel
+    (2, 1, 7, (1, 1, 1)),     # the last block's single voxel: only the centre tap counts
+    (3, 2, 3, (2, 5, 4)),     # several output channels, depth smaller than the kernel
+])
+def test_depth_tap_conv_equals_conv3d(c_in: int, c_out: int, k: int,
+                                      shape: tuple[int, int, int]) -> None:
+    tap = seeded(lambda: DepthTapConv3d(c_in, c_out, k)).double()
+    plain = nn.Conv3d(c_in, c_out, k, padding=k // 2).double()
+    plain.load_state_dict(tap.state_dict())
+    x = torch.randn(2, c_in, *shape, dtype=torch.float64, requires_grad=True)
+    out_tap, out_plain = tap(x), plain(x)
+    assert out_tap.shape == out_plain.shape
+    torch.testing.assert_close(out_tap, out_plain, rtol=0, atol=1e-12)
+    grads_tap = torch.autograd.grad(out_tap.square().sum(), [x, tap.weight, tap.bias])
+    grads_plain = torch.autograd.grad(out_plain.square().sum(), [x, plain.weight, plain.bias])
+    for a, b in zip(grads_tap, grads_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_depth_tap_conv_refuses_an_even_kernel() -> None:
+    with pytest.raises(ValueError, match="odd"):
+        DepthTapConv3d(2, 1, 4)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("shape", [(13, 10, 9), (12, 7, 8), (1, 3, 2)])
+def test_conv_block_inference_slabs_equal_the_plain_block(monkeypatch, memory_format,
+                                                         shape: tuple[int, int, int]) -> None:
+    """Without autograd the block runs slab by slab and pools before the ReLU: same values."""
+    block = seeded(lambda: ConvBlock3d(3, 5)).double().to(memory_format=memory_format)
+    x = torch.randn(2, 3, *shape, dtype=torch.float64).contiguous(memory_format=memory_format)
+    with torch.enable_grad():
+        expected = block(x).detach()  # the plain conv -> ReLU -> pool path
+    row = 2 * 2 * 5 * (shape[1] + 1) * (shape[2] + 1) * 8  # bytes of two conv rows
+    for slab_bytes in (1, 2 * row, 10**9):  # one row per slab, two rows, one slab
+        monkeypatch.setattr(blocks, "SLAB_BYTES", slab_bytes)
+        with torch.inference_mode():
+            got = block(x)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_conv_block_inference_keeps_channels_last(monkeypatch) -> None:
+    """The next block's oneDNN convolution wants channels-last; slabs must not undo it."""
+    cl = torch.channels_last_3d
+    block = seeded(lambda: ConvBlock3d(3, 5)).to(memory_format=cl)
+    x = torch.randn(2, 3, 13, 10, 9).contiguous(memory_format=cl)
+    monkeypatch.setattr(blocks, "SLAB_BYTES", 1)
+    with torch.inference_mode():
+        got = block(x)
+    assert got.is_contiguous(memory_format=cl) and not got.is_contiguous()
+
+
+def test_network_inference_equals_the_autograd_path_on_the_paper_grid() -> None:
+    model = seeded(lambda: BrainAgeNet(attention="shared", dropout=0.0)).eval()
+    x = torch.randn(2, 1, *INPUT_SHAPE)
+    with torch.enable_grad():
+        expected = model(x).detach()
+    model.to(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        got = model(x.contiguous(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 # --- SFCN (Peng et al. 2021), the ablation's peer ----------------------------------------
