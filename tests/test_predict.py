@@ -97,6 +97,27 @@ def test_mc_dropout_spread_and_repeatability(crop: np.ndarray) -> None:
     assert other["predicted_age"] == result["predicted_age"]
 
 
+class _Whole(nn.Module):
+    """The same network without its trunk split: predict_age must run it whole."""
+
+    def __init__(self, net: BrainAgeNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_trunk_once_gives_the_same_samples_as_whole_passes(crop: np.ndarray) -> None:
+    """The trunk has no dropout, so running it once draws the very same dropout masks."""
+    model = make_model()
+    split = predict_age(model, crop, mc_samples=7, seed=3, mc_batch_size=3)
+    whole = predict_age(_Whole(model), crop, mc_samples=7, seed=3, mc_batch_size=3)
+    for key in ("predicted_age", "mc_mean", "mc_sd"):
+        assert split[key] == pytest.approx(whole[key], abs=1e-4)
+    assert split["mc_sd"] > 0
+
+
 def test_single_mc_sample(crop: np.ndarray) -> None:
     result = predict_age(make_model(), crop, mc_samples=1)
     assert result["mc_samples"] == 1

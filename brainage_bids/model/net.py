@@ -68,8 +68,13 @@ class BrainAgeNet(nn.Module):
             return self.sas[index]
         return None
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The convolutional trunk: ``(N, C, D, H, W) -> (N, 1024)``."""
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolutional trunk without dropout: ``(N, C, D, H, W) -> (N, 1024)``.
+
+        Deterministic in train and eval mode alike, so Monte-Carlo dropout can run it once
+        and draw its samples through :meth:`from_trunk` (see
+        :func:`~brainage_bids.model.predict.predict_age`).
+        """
         for index, block in enumerate(self.blocks):
             x = block(x)
             attention = self.attention_module(index)
@@ -79,7 +84,15 @@ class BrainAgeNet(nn.Module):
             raise ValueError(
                 f"input of spatial size {tuple(x.shape[2:])} after the conv blocks; the network "
                 f"needs inputs that reach 1x1x1, such as {INPUT_SHAPE}")
-        return self.dropout_conv(torch.flatten(x, 1))
+        return torch.flatten(x, 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's 1024 features after the first dropout layer."""
+        return self.dropout_conv(self.trunk(x))
+
+    def from_trunk(self, features: torch.Tensor) -> torch.Tensor:
+        """Everything after :meth:`trunk`: the first dropout and the dense head."""
+        return self.head(self.dropout_conv(features))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The five dense layers, ReLU between them, dropout after the first."""
@@ -93,4 +106,4 @@ class BrainAgeNet(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.from_trunk(self.trunk(x))

@@ -8,7 +8,7 @@ network. Nothing here imports nipype or pybids.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -89,13 +89,26 @@ def dropout_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _DropoutNd) and m.p > 0]
 
 
-def _ages(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Run the model and return one age per batch element, whatever its output layout."""
-    out = model(batch)
+def _ages(run: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+    """Run the model (or its head) and return one age per batch element, whatever its layout."""
+    out = run(batch)
     if out.numel() != batch.shape[0]:
         raise ValueError(f"the model returned {tuple(out.shape)} for a batch of {batch.shape[0]};"
                          " expected one age per volume")
     return out.reshape(-1).to(torch.float64)
+
+
+def _split_at_dropout(model: nn.Module) -> tuple[Callable, Callable] | None:
+    """``(trunk, from_trunk)`` when every dropout layer of the model sits after its trunk.
+
+    Monte-Carlo dropout then needs the expensive trunk once per volume: the samples differ
+    only after it. :class:`~brainage_bids.model.net.BrainAgeNet` offers this split (its
+    dropout is after the last conv block and in the dense head); other models run whole.
+    """
+    trunk, from_trunk = getattr(model, "trunk", None), getattr(model, "from_trunk", None)
+    if callable(trunk) and callable(from_trunk):
+        return trunk, from_trunk
+    return None
 
 
 def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_samples: int = 20,
@@ -107,8 +120,11 @@ def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_sampl
     ----------
     model:
         Any network mapping ``(N, 1, D, H, W)`` to ``(N, 1)`` ages (:class:`BrainAgeNet`,
-        :class:`SFCN`). It is moved to ``device`` in place (``nn.Module.to`` semantics); its
-        train/eval flags are restored before returning.
+        :class:`SFCN`). It is moved to ``device`` and to the channels-last-3d memory format
+        in place (``nn.Module.to`` semantics); its train/eval flags are restored before
+        returning. A model with ``trunk`` and ``from_trunk`` methods (BrainAgeNet) runs its
+        trunk once and only the part after it per sample, since dropout comes after the trunk:
+        the samples are the same in distribution, at 1/21 of the cost.
     volume:
         ``(D, H, W)`` or ``(1, D, H, W)``, already intensity-normalised.
     mc_samples:
@@ -119,9 +135,9 @@ def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_sampl
         Seeds a forked RNG, so the same volume, seed and ``mc_batch_size`` give the same
         samples without disturbing the caller's global random state.
     mc_batch_size:
-        Samples per forward batch: copies of the volume in one batch get independent dropout
-        masks, which is much faster than one pass each; the chunking bounds memory (about
-        45 MB of activations per 91x109x91 copy in the first block).
+        Samples per forward batch: copies in one batch get independent dropout masks, which
+        is much faster than one pass each; for a model without a trunk split, the chunking
+        bounds memory (about 45 MB of activations per 91x109x91 copy in the first block).
 
     Returns
     -------
@@ -136,16 +152,24 @@ def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_sampl
     if mc_batch_size < 1:
         raise ValueError(f"mc_batch_size must be at least 1, got {mc_batch_size}")
     device = resolve_device(device)
-    batch = as_batch(volume).to(device)
-    model.to(device)
+    # channels-last-3d is oneDNN's fast layout for these few-channel 3D convolutions
+    batch = as_batch(volume).to(device).contiguous(memory_format=torch.channels_last_3d)
+    model.to(device=device, memory_format=torch.channels_last_3d)
     dropouts = dropout_modules(model)
     if not dropouts:
         warnings.warn("the model has no active dropout layer: Monte-Carlo samples are all "
                       "equal and carry no uncertainty", RuntimeWarning, stacklevel=2)
+    split = _split_at_dropout(model)
 
     with preserved_modes(model), torch.inference_mode():
         model.eval()
-        predicted = float(_ages(model, batch)[0])
+        if split is not None:
+            trunk, head = split
+            features = trunk(batch)  # deterministic: computed once for all samples
+            stochastic, repeated = head, features
+        else:
+            stochastic, repeated = model, batch
+        predicted = float(_ages(stochastic, repeated)[0])
         for module in dropouts:
             module.train()
         fork_devices = ([torch.cuda.current_device() if device.index is None else device.index]
@@ -155,7 +179,8 @@ def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_sampl
             samples = []
             for start in range(0, mc_samples, mc_batch_size):
                 size = min(mc_batch_size, mc_samples - start)
-                samples.append(_ages(model, batch.expand(size, -1, -1, -1, -1)).cpu())
+                copies = repeated.expand(size, *repeated.shape[1:])
+                samples.append(_ages(stochastic, copies).cpu())
     draws = torch.cat(samples).numpy()
     return {
         "predicted_age": predicted,
