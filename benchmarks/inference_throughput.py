@@ -7,10 +7,17 @@ with ``--model`` the weights are real, so the differences between variants are i
 Every variant's predictions are compared with a plain fp32 pass over the same volumes.
 
 Variants (``MODEL-SETTING``; MODEL is ``ours`` (BrainAgeNet, shared attention) or ``sfcn``):
-    plain       ``model.eval()``, ``torch.no_grad()``, one volume per forward, default
-                memory format, fp32: the loop most users would write.
-    fast        what :func:`brainage_bids.model.predict.predict_age` does: inference mode,
+    plain       the textbook network (``Conv3d -> ReLU -> MaxPool3d`` blocks, the attention
+                as one ``Conv3d(2, 1, 7)``) in ``model.eval()`` and ``torch.no_grad()``, one
+                volume per forward, default memory format, fp32: the loop most users would
+                write around the paper's network.
+    textbook    the textbook network with the app's settings: inference mode,
                 channels-last-3d memory format, ``--batch-size`` volumes per forward.
+    fast        the package's network with the app's settings: its blocks run depth slab by
+                slab and pool before the ReLU without autograd, and its attention convolves
+                with the kernel's depth taps as channels (both exact; see
+                ``brainage_bids/model/blocks.py``).
+    fast1       ``fast`` with one volume per forward (one participant's trunk pass).
     fastnocl    ``fast`` in the default memory format (what channels-last buys).
     bf16        ``fast`` under bf16 autocast (fp16 on CUDA).
     compiled    ``fast`` through ``torch.compile`` (compilation time reported apart).
@@ -35,11 +42,11 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from rounds import run_rounds
+from rounds import run_rounds, use_textbook_blocks
 
-DEFAULT_VARIANTS = ("ours-plain", "ours-fast", "ours-fastnocl", "ours-bf16", "sfcn-plain",
-                    "sfcn-fast")
-SETTINGS = ("plain", "fast", "fastnocl", "bf16", "compiled")
+DEFAULT_VARIANTS = ("ours-plain", "ours-textbook", "ours-fast", "ours-fast1", "ours-fastnocl",
+                    "ours-bf16", "sfcn-plain", "sfcn-fast")
+SETTINGS = ("plain", "textbook", "fast", "fast1", "fastnocl", "bf16", "compiled")
 SHAPE = (91, 109, 91)
 #: Predictions of an optimised variant must match plain fp32 within this many years.
 TOLERANCE_YEARS = {"fp32": 1e-3, "bf16": 0.5}
@@ -89,14 +96,16 @@ def run_variant(variant: str, batch: int, batches: int, warmup: int, threads: in
     if threads:
         torch.set_num_threads(threads)
     kind, setting = variant.split("-", 1)
+    if setting in ("plain", "textbook"):
+        use_textbook_blocks()
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model, model_name = _model(kind, spec)
     model.to(device)
-    per_forward = 1 if setting == "plain" else batch
+    per_forward = 1 if setting in ("plain", "fast1") else batch
     x_all = _inputs(per_forward).to(device)
-    channels_last = setting in ("fast", "bf16", "compiled")
+    channels_last = setting not in ("plain", "fastnocl")
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)
         x_all = x_all.contiguous(memory_format=torch.channels_last_3d)
@@ -126,7 +135,9 @@ def run_variant(variant: str, batch: int, batches: int, warmup: int, threads: in
             out = net(x_all)
             sync()
             times.append(time.perf_counter() - start)
-    # agreement with the plain fp32 loop on the same volumes, in years
+    # agreement with the plain fp32 loop of the textbook network on the same volumes, in years
+    # (measured after the timing: from here on this process runs the textbook forwards)
+    use_textbook_blocks()
     with torch.no_grad():
         reference = torch.cat([model.float()(x_all[i:i + 1].contiguous()) for i in
                                range(x_all.shape[0])])

@@ -44,3 +44,17 @@ def run_rounds(script: str, variants: Sequence[str], repeats: int, args: Sequenc
             runs[variant].append(result)
             report(repeat, variant, result)
     return runs
+
+
+def use_textbook_blocks() -> None:
+    """Make this process's BrainAgeNet the textbook one (each variant runs in its own process).
+
+    The package's blocks take their fast paths only without autograd; these are the plain
+    ``nn.Module`` forwards they replace, so "textbook" against "fast" is what they buy.
+    """
+    from torch import nn
+
+    from brainage_bids.model.blocks import ConvBlock3d, DepthTapConv3d
+
+    ConvBlock3d.forward = lambda self, x: self.pool(self.act(self.conv(x)))
+    DepthTapConv3d.forward = nn.Conv3d.forward

@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     inference = [sys.executable, str(HERE / "inference_throughput.py"), "--threads", t,
                  "--repeats", str(args.repeats), "--model", args.model]
     training = [sys.executable, str(HERE / "train_throughput.py"), "--threads", t,
-                "--repeats", str(args.repeats), "--variants", "plain,engine,engine-sfcn"]
+                "--repeats", str(args.repeats), "--variants",
+                "plain,engine,engine-textbook,engine-sfcn"]
     if "inference" not in args.skip:
         report["inference_cpu"] = _json_run(inference, args.threads)
     if "training" not in args.skip:
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available() and "gpu" not in args.skip:
         report["inference_gpu"] = _json_run(
             [*inference, "--device", "cuda", "--batch-size", "64", "--variants",
-             "ours-plain,ours-fast,ours-bf16,ours-compiled,sfcn-plain,sfcn-fast"], args.threads)
+             "ours-plain,ours-textbook,ours-fast,ours-fast1,ours-bf16,ours-compiled,sfcn-plain,"
+             "sfcn-fast"], args.threads)
         report["training_gpu"] = _json_run(
             [*training[:-2], "--variants", "plain,engine,engine-bf16,engine-sfcn",
              "--device", "cuda", "--batch-size", "32"], args.threads)

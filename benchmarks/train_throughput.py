@@ -6,8 +6,9 @@ warm-up steps. Inputs are copies of the real MNI152 2 mm template brain, normali
 training; for the engine they come from a float16 memory-mapped volume cache, as in a run.
 
 Variants:
-    plain           BrainAgeNet as built (torch's default init), default memory format,
-                    tensors in memory, ``zero_grad()``, mean L1 loss, Adam.
+    plain           the textbook BrainAgeNet (its attention as one ``Conv3d(2, 1, 7)``),
+                    torch's default init, default memory format, tensors in memory,
+                    ``zero_grad()``, mean L1 loss, Adam.
     engine          the engine's step (``brainage_bids.model.train._train_step``) with its
                     default settings, fed by its batch pipeline, no augmentation.
     engine-MOD...   the engine with modifiers, e.g. ``engine-aug`` (default augmentation:
@@ -15,6 +16,7 @@ Variants:
                     ``engine-prefetch``/``engine-noprefetch``, ``engine-bf16`` (autocast),
                     ``engine-defaultinit`` (torch's init instead of He),
                     ``engine-nomalloc`` (glibc's default mmap thresholds),
+                    ``engine-textbook`` (the attention as one ``Conv3d(2, 1, 7)``),
                     ``engine-sfcn`` (the SFCN peer with its soft-label loss).
 
 Usage::
@@ -37,7 +39,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from rounds import run_rounds
+from rounds import run_rounds, use_textbook_blocks
 
 DEFAULT_VARIANTS = ("plain", "engine", "engine-aug")
 #: ``engine-<modifier>-<modifier>...`` changes the engine's defaults.
@@ -46,6 +48,7 @@ MODIFIERS: dict[str, dict[str, object]] = {
     "prefetch": {"prefetch": True}, "noprefetch": {"prefetch": False},
     "bf16": {"precision": "bf16"}, "defaultinit": {"init": "default"},
     "nomalloc": {"tune_malloc": False}, "sfcn": {"architecture": "SFCN", "loss": "kl"},
+    "textbook": {},  # not a TrainConfig setting: the textbook blocks, see use_textbook_blocks
 }
 SHAPE = (91, 109, 91)
 
@@ -87,6 +90,7 @@ def _plain(batch: int, steps: int, warmup: int,
 
     from brainage_bids.model.net import BrainAgeNet
 
+    use_textbook_blocks()
     device = torch.device(device_name)
     torch.manual_seed(0)
     volume = torch.from_numpy(_template_volume())
@@ -118,6 +122,8 @@ def _engine(variant: str, batch: int, steps: int, warmup: int,
     overrides: dict[str, object] = {"augment": False}
     for token in variant.split("-")[1:]:
         overrides.update(MODIFIERS[token])
+    if "textbook" in variant.split("-"):
+        use_textbook_blocks()
     config = engine.TrainConfig(batch_size=batch, num_threads=torch.get_num_threads(),
                                 **overrides)
     device = torch.device(device_name)
