@@ -14,10 +14,11 @@ SLAB_BYTES = 8 * 2**20
 class DepthTapConv3d(nn.Conv3d):
     """A same-size ``Conv3d`` (odd cubic kernel, stride 1) for very few output channels.
 
-    oneDNN convolves poorly into one output channel: the attention's ``Conv3d(2, 1, 7)`` ran
-    about 4x slower on CPU than the arithmetic allows. Here each of the k depth slices of the
-    kernel becomes its own output channel of a ``(1, k, k)`` convolution, and the k results
-    are summed with their depth shifts. The sum is the same; only the order of the float
+    oneDNN is slow at convolving into one output channel: on 2 CPU cores the attention's
+    ``Conv3d(2, 1, 7)`` took 45 ms on four volumes' block-1 maps, against 11 ms for the same
+    sums done this way. On CPU, each of the k depth slices of the kernel becomes its own
+    output channel of a ``(1, k, k)`` convolution, and the k results are summed with their
+    depth shifts. The sum is the same; only the order of the float
     additions changes (differences of about 1e-6). Parameters, state-dict keys and autograd
     are those of ``nn.Conv3d``, so training uses it too and old weights load unchanged.
     """
@@ -28,6 +29,8 @@ class DepthTapConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":  # measured on CPU only; cuDNN keeps its own convolution
+            return super().forward(x)
         k, c_out = self.kernel_size[0], self.out_channels
         centre = k // 2
         # weight (c_out, c_in, k, k, k) -> (k * c_out, c_in, 1, k, k), tap-major
@@ -89,6 +92,8 @@ class ConvBlock3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return self.pool(self.act(self.conv(x)))
+        if x.device.type != "cpu":  # slabs are for CPU caches; a GPU wants few, large kernels
+            return self.act(self.pool(self.conv(x)))
         return self._forward_slabs(x)
 
     def _forward_slabs(self, x: torch.Tensor) -> torch.Tensor:
