@@ -86,10 +86,6 @@ class BrainAgeNet(nn.Module):
                 f"needs inputs that reach 1x1x1, such as {INPUT_SHAPE}")
         return torch.flatten(x, 1)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The trunk's 1024 features after the first dropout layer."""
-        return self.dropout_conv(self.trunk(x))
-
     def from_trunk(self, features: torch.Tensor) -> torch.Tensor:
         """Everything after :meth:`trunk`: the first dropout and the dense head."""
         return self.head(self.dropout_conv(features))

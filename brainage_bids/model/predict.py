@@ -123,8 +123,8 @@ def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_sampl
         :class:`SFCN`). It is moved to ``device`` and to the channels-last-3d memory format
         in place (``nn.Module.to`` semantics); its train/eval flags are restored before
         returning. A model with ``trunk`` and ``from_trunk`` methods (BrainAgeNet) runs its
-        trunk once and only the part after it per sample, since dropout comes after the trunk:
-        the samples are the same in distribution, at 1/21 of the cost.
+        trunk once and only the part after it per sample: dropout comes only after the trunk,
+        so the samples are the same as those of whole passes, at a fraction of the cost.
     volume:
         ``(D, H, W)`` or ``(1, D, H, W)``, already intensity-normalised.
     mc_samples:
