@@ -16,8 +16,7 @@ seed); the shipped model is then one of the compared models, not a retrained cop
 Finished variants are skipped and interrupted ones resume, so the command can be rerun::
 
     python evaluation/ablation.py --derivatives /work/runs/ixi --out /work/runs/ablation \\
-        --epochs 100 --patience 25 --seeds 42 --shared-from-reference \\
-        --json docs/evaluation/ablation.json
+        --epochs 60 --patience 60 --seeds 42 --threads 2 --json docs/evaluation/ablation.json
 """
 
 from __future__ import annotations
@@ -34,7 +33,13 @@ import numpy as np
 from brainage_bids import evaluation as ev
 from brainage_bids.metrics import regression_metrics
 from brainage_bids.model.train import TrainConfig, TrainItem, train_model
-from brainage_bids.model.weights import ModelError, count_parameters, load_model
+from brainage_bids.model.weights import (
+    ModelError,
+    count_parameters,
+    load_model,
+    read_card,
+    resolve_model,
+)
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -76,8 +81,8 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, train: list[Trai
     out = args.out / "models" / model_name
     card_path = out / f"{model_name}.json"
     if name == "shared" and args.shared_from_reference:
-        out = Path(load_model(args.reference)[1]["weights_path"])
-        _check_budget(json.loads(out.with_suffix(".json").read_text()), args, seed)
+        reference_card, out, _ = resolve_model(args.reference)  # loaded (and verified) below
+        _check_budget(read_card(reference_card), args, seed)
     elif not card_path.is_file():
         config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              seed=seed, device=args.device, model_name=model_name,
