@@ -14,6 +14,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from brainage_bids.preproc.intensity import standardise_intensity
+
 #: Smallest extent (voxels) of each axis for something that can be a brain image.
 MIN_VOXELS_PER_AXIS = 16
 
@@ -27,7 +29,9 @@ def load_valid_t1w(path: str | Path) -> nib.Nifti1Image:
 
     Checks, each with its own message: readable (a truncated ``.nii.gz`` fails here), 3D
     (a 4D image with one volume is accepted), a plausible size, finite values, and not
-    constant. Only the in-memory image is changed; the input file is never written.
+    constant. Intensities are standardised (:func:`standardise_intensity`) so that the data
+    type, offset and scale of the stored values do not matter. Only the in-memory image is
+    changed; the input file is never written.
     """
     name = Path(path).name
     try:
@@ -54,7 +58,8 @@ def load_valid_t1w(path: str | Path) -> nib.Nifti1Image:
     if float(data.max()) == float(data.min()):
         kind = "all zero" if float(data.max()) == 0 else "constant"
         raise ImageError(f"{name}: the image is {kind}")
-    out = nib.Nifti1Image(data, img.affine)
+    # the same head gets the same numbers whatever its data type, offset or scale
+    out = nib.Nifti1Image(standardise_intensity(data), img.affine)
     out.header.set_xyzt_units("mm")
     return nib.as_closest_canonical(out)
 

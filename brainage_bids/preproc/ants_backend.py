@@ -67,7 +67,7 @@ HEAD_AFFINE: dict[str, Any] = {
     "aff_iterations": (1000, 500, 250, 0),
     "aff_shrink_factors": (6, 4, 2, 1),
     "aff_smoothing_sigmas": (3, 2, 1, 0),
-    "aff_random_sampling_rate": 0.2,
+    "aff_random_sampling_rate": 1.0,
 }
 #: Short SyN (8 and 4 mm only) that only serves to carry the template brain mask to the head.
 MASK_SYN: dict[str, Any] = {
@@ -80,8 +80,10 @@ BRAIN_AFFINE: dict[str, Any] = {
     "aff_iterations": (1000, 500, 250, 0),
     "aff_shrink_factors": (6, 4, 2, 1),
     "aff_smoothing_sigmas": (3, 2, 1, 0),
-    "aff_random_sampling_rate": 0.2,
+    "aff_random_sampling_rate": 1.0,
 }
+#: Interpolation of the brain onto the template grid (antsApplyTransforms' name).
+FINAL_INTERPOLATOR = "linear"
 #: Winsorising percentiles applied to the registration copies.
 WINSOR_PERCENTILES = (0.5, 99.5)
 #: Skull-stripped detector: at least this fraction of exact zeros ...
@@ -435,7 +437,7 @@ def extract_and_register(in_file: str, out_dir: str, *, threads: int = 1,
             affine_file = reg["fwdtransforms"][0]
             brain = native.new_image_like(data * mask)
             brain_mni = ants.apply_transforms(tpl_brain, brain, [affine_file],
-                                              interpolator="linear").numpy()
+                                              interpolator=FINAL_INTERPOLATOR).numpy()
             mask_mni = ants.apply_transforms(
                 tpl_brain, native.new_image_like(mask.astype(np.float32)), [affine_file],
                 interpolator="linear").numpy() > 0.5
