@@ -57,6 +57,8 @@ class Settings:
     patience: int | None = None
     dropout: float = 0.2
     augment: bool = True
+    folds: int = 1
+    ensemble: int = 1
     model_name: str | None = None
     # group level
     bias_method: str = "beheshti"

@@ -166,8 +166,19 @@ def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Call
         "preprocessing": {"backend": backends[0] if len(backends) == 1 else backends,
                           "template": TEMPLATE, "resolution_mm": 2},
     }
+    work_dir = settings.work_dir / f"train_{name}"
+    progress = sys.stderr.isatty() or settings.verbose > 0
+    if settings.folds > 1 or settings.ensemble > 1:
+        from brainage_bids.model.cv import train_ensemble
+
+        del card_extra["training_data"]["train_ids"], card_extra["training_data"]["validation_ids"]
+        LOG.info("training the ensemble %s: %d fold(s) x %d seed(s) on %d images", name,
+                 settings.folds, settings.ensemble, len(items))
+        return train_ensemble(config, items, settings.output_dir / "models", work_dir=work_dir,
+                              folds=settings.folds, seeds_per_fold=settings.ensemble,
+                              resume=settings.resume, progress=progress,
+                              card_extra=card_extra, mc_samples=settings.mc_samples)
     LOG.info("training %s on %d images, validating on %d", name, len(train), len(val))
     return train_model(config, train, val, settings.output_dir / "models",
-                       work_dir=settings.work_dir / f"train_{name}", resume=settings.resume,
-                       progress=sys.stderr.isatty() or settings.verbose > 0,
+                       work_dir=work_dir, resume=settings.resume, progress=progress,
                        card_extra=card_extra)

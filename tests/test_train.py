@@ -27,7 +27,13 @@ import brainage_bids
 from brainage_bids.io import sha256_file
 from brainage_bids.model import data as data_module
 from brainage_bids.model import train as train_module
-from brainage_bids.model.data import AUGMENTATION, Augmenter, VolumeCache, build_cache
+from brainage_bids.model.data import (
+    AUGMENTATION,
+    AUGMENTATION_V1,
+    Augmenter,
+    VolumeCache,
+    build_cache,
+)
 from brainage_bids.model.train import (
     METRIC_COLUMNS,
     TrainConfig,
@@ -196,7 +202,7 @@ def test_augmentation_transforms_do_what_the_card_says(items):
         assert len(matches) == 1  # an integer shift of at most 3 voxels, zero-filled
         offsets.add(matches[0])
     assert len(offsets) > 1
-    scale = Augmenter({**AUGMENTATION, "order": ["intensity_scale"]})
+    scale = Augmenter({**AUGMENTATION_V1, "order": ["intensity_scale"]})
     ratios = [float(scale(volume, 0, 0, i).abs().sum() / volume.abs().sum()) for i in range(16)]
     assert all(0.9 <= r <= 1.1 for r in ratios) and np.std(ratios) > 0.02  # v * U(0.9, 1.1)
 

@@ -153,8 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "validation MAE (default: off)")
     train.add_argument("--no-augment", dest="augment", action="store_false",
                        help="train without data augmentation")
+    train.add_argument("--folds", type=_positive_int, default=1,
+                       help="train an ensemble of K members on a K-fold split (grouped by "
+                            "participant, stratified by age), each early-stopped on its own "
+                            "fold; writes out-of-fold predictions (default 1: one model)")
+    train.add_argument("--ensemble", type=_positive_int, default=1, metavar="N",
+                       help="members per fold with different seeds (with --folds 1: a seed "
+                            "ensemble on one validation split)")
     train.add_argument("--resume", action="store_true",
-                       help="continue an interrupted training run from its work-dir checkpoint")
+                       help="continue an interrupted training run from its work-dir "
+                            "checkpoint (an ensemble: member by member)")
     train.add_argument("--model-name", default=None,
                        help="file name stem of the trained model (default: from the dataset)")
 
@@ -252,6 +260,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         patience=args.patience,
         dropout=args.dropout,
         augment=args.augment,
+        folds=args.folds,
+        ensemble=args.ensemble,
         model_name=args.model_name,
         bias_method=args.bias_method,
         bias_reference=args.bias_reference,

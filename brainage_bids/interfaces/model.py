@@ -45,23 +45,28 @@ class _PredictOutputSpec(TraitedSpec):
 
 
 def _uncertainty(pred: dict, card: dict) -> dict:
-    """The record's uncertainty: the MC-dropout SD, scaled to years when the card can.
+    """The record's uncertainty: members' spread and MC dropout, in years when the card can.
 
-    ``calibration_scale`` is fitted on the model's validation set (``evaluation/evaluate.py
-    --write-calibration``) so that ``sd = scale * mc_sd`` matches the size of real errors;
-    without it ``sd`` is the raw spread and ``calibrated`` is false.
+    The calibration (``card["uncertainty"]``) was fitted on held-out predictions (out-of-fold
+    for an ensemble, the validation set for a single model); see
+    :mod:`brainage_bids.model.uncertainty`. Without it ``sd`` is the raw spread and
+    ``calibrated`` is false.
     """
-    scale = (card.get("uncertainty") or {}).get("calibration_scale")
-    mc_sd = float(pred["mc_sd"])
-    calibrated = isinstance(scale, int | float) and scale > 0
+    from brainage_bids.model.uncertainty import calibrated_sd
+
+    result = calibrated_sd(pred, card.get("uncertainty"))
     return {
         "method": pred["uncertainty_method"],
         "samples": pred["mc_samples"],
+        "n_members": pred.get("n_members", 1),
+        "flip_tta": pred.get("flip_tta", False),
         "mc_mean": round(float(pred["mc_mean"]), 3),
-        "mc_sd": round(mc_sd, 3),
-        "calibrated": bool(calibrated),
-        "calibration_scale": float(scale) if calibrated else None,
-        "sd": round(mc_sd * float(scale), 3) if calibrated else round(mc_sd, 3),
+        "mc_sd": round(float(pred["mc_sd"]), 3),
+        "member_sd": round(float(pred.get("member_sd", 0.0)), 3),
+        "calibrated": result["calibrated"],
+        "calibration_scale": result["calibration_scale"],
+        "scaled": result["scaled"],
+        "sd": round(result["sd"], 3),
     }
 
 
@@ -77,8 +82,9 @@ class PredictBrainAge(SimpleInterface):
         import torch
 
         from brainage_bids.metrics import apply_bias
+        from brainage_bids.model.ensemble import members_of
         from brainage_bids.model.intensity import normalise_intensity
-        from brainage_bids.model.predict import predict_age, resolve_device
+        from brainage_bids.model.predict import predict_brain_age, resolve_device
         from brainage_bids.model.weights import load_model
 
         torch.set_num_threads(max(1, self.inputs.num_threads))
@@ -87,8 +93,9 @@ class PredictBrainAge(SimpleInterface):
         brain = nib.load(self.inputs.brain_mni)
         mask = np.asanyarray(nib.load(self.inputs.mask_mni).dataobj) > 0
         volume = normalise_intensity(np.asanyarray(brain.dataobj), mask)
-        pred = predict_age(model, volume, mc_samples=self.inputs.mc_samples,
-                           seed=self.inputs.seed, device=device)
+        pred = predict_brain_age(model, volume, mc_samples=self.inputs.mc_samples,
+                                 seed=self.inputs.seed, device=device,
+                                 flip_tta=bool((card.get("inference") or {}).get("flip_tta")))
 
         source = dict(self.inputs.source)
         age = source.get("age")
@@ -100,6 +107,7 @@ class PredictBrainAge(SimpleInterface):
             "source_file": source.get("source_file"),
             "chronological_age": age,
             "predicted_age": round(predicted, 3),
+            "member_predictions": [round(p, 3) for p in pred["member_predictions"]],
             "brain_age_gap": None if age is None else round(predicted - float(age), 3),
             "uncertainty": _uncertainty(pred, card),
             "corrected_brain_age_gap": {},
@@ -113,6 +121,8 @@ class PredictBrainAge(SimpleInterface):
                 "name": card.get("name"),
                 "sha256": card.get("sha256"),
                 "architecture": card.get("architecture", {}),
+                "n_members": pred["n_members"],
+                "parent": (card.get("lineage") or {}).get("parent"),
                 "training_data": (card.get("training_data") or {}).get("name"),
                 "age_range": (card.get("training") or {}).get("age_range"),
             },
@@ -134,28 +144,31 @@ class PredictBrainAge(SimpleInterface):
             record["qc"] = json.loads(Path(self.inputs.qc_file).read_text())
 
         out_dir = Path(runtime.cwd)
-        if self.inputs.saliency and hasattr(model, "blocks"):
-            self._write_saliency(model, volume, brain, out_dir, device)
+        if self.inputs.saliency and all(hasattr(m, "blocks") for m in members_of(model)):
+            self._write_saliency(members_of(model), volume, brain, out_dir, device)
         out_record = atomic_write_json(out_dir / "brainage.json", record)
         self._results["out_record"] = str(out_record)
         self._results["predicted_age"] = predicted
         return runtime
 
-    def _write_saliency(self, model, volume, brain, out_dir: Path, device) -> None:
+    def _write_saliency(self, members, volume, brain, out_dir: Path, device) -> None:
+        """Grad-CAM and attention maps, averaged over an ensemble's members."""
         import nibabel as nib
         import numpy as np
 
         from brainage_bids.model.saliency import attention_maps, gradcam_maps
 
         affine = brain.affine
-        cams = gradcam_maps(model, volume, device=device)
-        stack = np.stack([cams[f"block{i}"] for i in range(1, 8)], axis=-1).astype(np.float32)
+        cams = [gradcam_maps(member, volume, device=device) for member in members]
+        stack = np.stack([np.mean([c[f"block{i}"] for c in cams], axis=0) for i in range(1, 8)],
+                         axis=-1).astype(np.float32)
         gradcam = out_dir / "gradcam.nii.gz"
         nib.save(nib.Nifti1Image(stack, affine), gradcam)
         self._results["out_gradcam"] = str(gradcam)
-        if getattr(model, "attention", "none") != "none":
-            maps = attention_maps(model, volume, device=device)
-            key = "mean" if "mean" in maps else sorted(maps)[0]
+        if getattr(members[0], "attention", "none") != "none":
+            maps = [attention_maps(member, volume, device=device) for member in members]
+            key = "mean" if "mean" in maps[0] else sorted(maps[0])[0]
             attention = out_dir / "attention.nii.gz"
-            nib.save(nib.Nifti1Image(maps[key].astype(np.float32), affine), attention)
+            mean = np.mean([m[key] for m in maps], axis=0).astype(np.float32)
+            nib.save(nib.Nifti1Image(mean, affine), attention)
             self._results["out_attention"] = str(attention)

@@ -113,7 +113,7 @@ def _split_at_dropout(model: nn.Module) -> tuple[Callable, Callable] | None:
 
 def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_samples: int = 20,
                 seed: int = 0, device: str | torch.device = "cpu",
-                mc_batch_size: int = 4) -> dict:
+                mc_batch_size: int = 4, flip_tta: bool = False) -> dict:
     """Brain age of one normalised volume, with a Monte-Carlo-dropout uncertainty.
 
     Parameters
@@ -138,6 +138,10 @@ def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_sampl
         Samples per forward batch: copies in one batch get independent dropout masks, which
         is much faster than one pass each; for a model without a trunk split, the chunking
         bounds memory (about 45 MB of activations per 91x109x91 copy in the first block).
+    flip_tta:
+        Test-time augmentation: every pass (the deterministic one and each MC sample) is the
+        mean over the volume and its left-right mirror (first axis, x in RAS). The model was
+        trained with random left-right flips, so both views are in its training distribution.
 
     Returns
     -------
@@ -153,7 +157,11 @@ def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_sampl
         raise ValueError(f"mc_batch_size must be at least 1, got {mc_batch_size}")
     device = resolve_device(device)
     # channels-last-3d is oneDNN's fast layout for these few-channel 3D convolutions
-    batch = as_batch(volume).to(device).contiguous(memory_format=torch.channels_last_3d)
+    batch = as_batch(volume)
+    views = 2 if flip_tta else 1
+    if flip_tta:
+        batch = torch.cat([batch, batch.flip(2)])
+    batch = batch.to(device).contiguous(memory_format=torch.channels_last_3d)
     model.to(device=device, memory_format=torch.channels_last_3d)
     dropouts = dropout_modules(model)
     if not dropouts:
@@ -169,7 +177,7 @@ def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_sampl
             stochastic, repeated = head, features
         else:
             stochastic, repeated = model, batch
-        predicted = float(_ages(stochastic, repeated)[0])
+        predicted = float(_ages(stochastic, repeated).mean())
         for module in dropouts:
             module.train()
         fork_devices = ([torch.cuda.current_device() if device.index is None else device.index]
@@ -179,8 +187,11 @@ def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_sampl
             samples = []
             for start in range(0, mc_samples, mc_batch_size):
                 size = min(mc_batch_size, mc_samples - start)
-                copies = repeated.expand(size, *repeated.shape[1:])
-                samples.append(_ages(stochastic, copies).cpu())
+                if views == 1:
+                    copies = repeated.expand(size, *repeated.shape[1:])
+                else:  # sample-major: each sample's views are adjacent
+                    copies = repeated.repeat(size, *([1] * (repeated.ndim - 1)))
+                samples.append(_ages(stochastic, copies).reshape(size, views).mean(1).cpu())
     draws = torch.cat(samples).numpy()
     return {
         "predicted_age": predicted,
@@ -188,4 +199,45 @@ def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_sampl
         "mc_sd": float(draws.std(ddof=1)) if draws.size > 1 else 0.0,
         "mc_samples": int(mc_samples),
         "uncertainty_method": UNCERTAINTY_METHOD if dropouts else "none",
+        "flip_tta": bool(flip_tta),
+    }
+
+
+def predict_brain_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *,
+                      mc_samples: int = 20, seed: int = 0, device: str | torch.device = "cpu",
+                      flip_tta: bool = False) -> dict:
+    """Brain age of one normalised volume from a single model or an ensemble.
+
+    Each member runs :func:`predict_age` (MC dropout, optional flip TTA; member ``i`` with
+    seed ``seed + i``). The ensemble's age is the mean of the members' deterministic
+    predictions. Two spreads are kept apart because they mean different things:
+    ``mc_sd`` pools the members' MC-dropout SDs (root mean square), ``member_sd`` is the SD
+    of the members' predictions (0 for one model), and ``raw_sd`` combines them as
+    independent variances, ``sqrt(mc_sd**2 + member_sd**2)``: the spread before any
+    calibration to years (see :mod:`brainage_bids.model.uncertainty`).
+    """
+    from brainage_bids.model.ensemble import members_of
+
+    members = members_of(model)
+    results = [predict_age(member, volume, mc_samples=mc_samples, seed=seed + index,
+                           device=device, flip_tta=flip_tta)
+               for index, member in enumerate(members)]
+    preds = np.array([r["predicted_age"] for r in results], dtype=np.float64)
+    mc_sd = float(np.sqrt(np.mean([r["mc_sd"] ** 2 for r in results])))
+    member_sd = float(preds.std(ddof=1)) if len(preds) > 1 else 0.0
+    methods = {r["uncertainty_method"] for r in results}
+    method = "mc-dropout" if methods == {"mc-dropout"} else "none"
+    if len(members) > 1:
+        method = "ensemble" if method == "none" else "ensemble+mc-dropout"
+    return {
+        "predicted_age": float(preds.mean()),
+        "member_predictions": [float(p) for p in preds],
+        "mc_mean": float(np.mean([r["mc_mean"] for r in results])),
+        "mc_sd": mc_sd,
+        "member_sd": member_sd,
+        "raw_sd": float(np.hypot(mc_sd, member_sd)),
+        "mc_samples": int(mc_samples),
+        "n_members": len(members),
+        "uncertainty_method": method,
+        "flip_tta": bool(flip_tta),
     }

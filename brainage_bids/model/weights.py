@@ -54,11 +54,22 @@ def _build_sfcn(arch: dict[str, Any]) -> nn.Module:
     return SFCN(**kwargs)
 
 
+def _build_ensemble(arch: dict[str, Any]) -> nn.Module:
+    from brainage_bids.model.ensemble import ENSEMBLE_NAME, BrainAgeEnsemble
+
+    member = dict(arch.get("member") or {})
+    count = arch.get("n_members")
+    if member.get("name") in (None, ENSEMBLE_NAME) or not isinstance(count, int) or count < 1:
+        raise ValueError("an ensemble needs 'n_members' >= 1 and a 'member' architecture")
+    return BrainAgeEnsemble([build_model(member) for _ in range(count)])
+
+
 #: Extension point: architecture name in a model card -> builder taking the card's
 #: ``architecture`` dict. Builders import their network lazily and ignore card-only keys.
 ARCHITECTURES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "BrainAgeNet": _build_brainagenet,
     "SFCN": _build_sfcn,
+    "BrainAgeEnsemble": _build_ensemble,
 }
 _CARD_ONLY_KEYS = frozenset({"name", "n_parameters"})
 
@@ -75,9 +86,13 @@ def describe_architecture(model: nn.Module) -> dict[str, Any]:
     """
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
+    from brainage_bids.model.ensemble import ENSEMBLE_NAME, BrainAgeEnsemble
     from brainage_bids.model.net import BrainAgeNet
 
-    if isinstance(model, BrainAgeNet):
+    if isinstance(model, BrainAgeEnsemble):
+        arch = {"name": ENSEMBLE_NAME, "n_members": len(model),
+                "member": describe_architecture(model.members[0])}
+    elif isinstance(model, BrainAgeNet):
         sa = model.attention_module(0)
         arch: dict[str, Any] = {
             "name": "BrainAgeNet",
