@@ -222,3 +222,29 @@ def test_train_level_two_epochs_on_real_heads(tmp_path):
     record = json.loads((out / "sub-IXI012" / "anat" / "sub-IXI012_brainage.json").read_text())
     assert record["model"]["name"] == "smoke"
     assert record["model"]["age_range"] == card["training"]["age_range"]
+
+
+def test_train_level_folds_on_real_heads(tmp_path):
+    """``train --folds 3``: members, out-of-fold table and card; the participant level uses it."""
+    ixi = shared_or_skip("ixi-hh-t1w-2mm")
+    labels = ["IXI012", "IXI013", "IXI014", "IXI033", "IXI252", "IXI254"]
+    out, work = tmp_path / "out", str(tmp_path / "work")
+    assert main([str(ixi), str(out), "train", "--participant-label", *labels, "-w", work,
+                 "--epochs", "1", "--batch-size", "2", "--folds", "3", "--nprocs", "2",
+                 "--omp-nthreads", "1", "--model-name", "ens", "--mc-samples", "2"]) == 0
+    models = out / "models"
+    assert sorted(p.name for p in models.glob("*.safetensors")) == ["ens.safetensors"]
+    card = read_json(models / "ens.json")
+    assert card["ensemble"]["n_members"] == 3 and card["training"]["folds"] == 3
+    oof = (models / "ens_oof.tsv").read_text().splitlines()
+    assert len(oof) == 1 + 6
+    assert sorted(r.split("\t")[1] for r in oof[1:]) == sorted(labels)
+    assert all((models / f"ens-m{i}_metrics.tsv").is_file() for i in range(3))
+    assert main([str(ixi), str(out), "participant", "--participant-label", "IXI012",
+                 "-w", work, "--model", str(models), "--mc-samples", "2",
+                 "--no-reports"]) == 0
+    record = json.loads((out / "sub-IXI012" / "anat" / "sub-IXI012_brainage.json").read_text())
+    assert record["model"]["n_members"] == 3 and len(record["member_predictions"]) == 3
+    assert record["predicted_age"] == pytest.approx(
+        sum(record["member_predictions"]) / 3, abs=2e-3)
+    assert record["uncertainty"]["method"] == "ensemble+mc-dropout"
