@@ -59,6 +59,8 @@ class Settings:
     augment: bool = True
     folds: int = 1
     ensemble: int = 1
+    init_from: str | None = None
+    freeze_trunk: bool = False
     model_name: str | None = None
     # group level
     bias_method: str = "beheshti"

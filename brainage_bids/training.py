@@ -6,6 +6,7 @@ BIDS; this module turns a dataset into its inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -166,6 +167,12 @@ def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Call
         "preprocessing": {"backend": backends[0] if len(backends) == 1 else backends,
                           "template": TEMPLATE, "resolution_mm": 2},
     }
+    init_states = None
+    if settings.init_from:
+        init_states, lineage = _parent(settings, items)
+        card_extra["lineage"] = lineage
+        config = dataclasses.replace(config, init_from_sha256=lineage["parent"]["sha256"],
+                                     freeze_trunk=settings.freeze_trunk)
     work_dir = settings.work_dir / f"train_{name}"
     progress = sys.stderr.isatty() or settings.verbose > 0
     if settings.folds > 1 or settings.ensemble > 1:
@@ -177,8 +184,33 @@ def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Call
         return train_ensemble(config, items, settings.output_dir / "models", work_dir=work_dir,
                               folds=settings.folds, seeds_per_fold=settings.ensemble,
                               resume=settings.resume, progress=progress,
-                              card_extra=card_extra, mc_samples=settings.mc_samples)
+                              card_extra=card_extra, mc_samples=settings.mc_samples,
+                              init_states=init_states)
     LOG.info("training %s on %d images, validating on %d", name, len(train), len(val))
     return train_model(config, train, val, settings.output_dir / "models",
                        work_dir=work_dir, resume=settings.resume, progress=progress,
-                       card_extra=card_extra)
+                       card_extra=card_extra,
+                       init_state=init_states[0] if init_states else None)
+
+
+def _parent(settings: Settings, items: list) -> tuple[list[dict], dict]:
+    """The parent model's member weights and the lineage entry of the new model's card."""
+    from brainage_bids.model.ensemble import members_of
+    from brainage_bids.model.weights import load_model
+
+    parent, card = load_model(settings.init_from)
+    states = [{k: v.detach().clone() for k, v in member.state_dict().items()}
+              for member in members_of(parent)]
+    ages = [float(item.age) for item in items]
+    lineage = {
+        "parent": {"name": card.get("name"), "sha256": card.get("sha256"),
+                   "n_members": len(states),
+                   "training_data": (card.get("training_data") or {}).get("name")},
+        "fine_tuning_data": {"name": _dataset_name(settings.bids_dir),
+                             "n_participants": len({item.group for item in items}),
+                             "n_images": len(items), "age_range": [min(ages), max(ages)]},
+        "freeze_trunk": settings.freeze_trunk,
+    }
+    LOG.info("fine-tuning from %s (sha256 %s, %d member(s))", card.get("name"),
+             str(card.get("sha256"))[:12], len(states))
+    return states, lineage

@@ -91,5 +91,10 @@ def test_intensity_storage_does_not_change_the_age(runs, variant):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "known defect of the shipped ixi-2mm-v1: the same brain resampled along a 15-degree "
+    "rotated grid is blurred differently and v1 moves by ~3 years (registration itself "
+    "agrees within 0.5 mm); the v2 ensemble trained with resampling augmentation is meant "
+    "to fix it. strict: this fails as soon as the default model passes, so the marker goes"))
 def test_header_rotation_does_not_change_the_age(runs):
     assert abs(runs["rot"] - runs["orig"]) < TOLERANCE_Y, runs

@@ -19,6 +19,11 @@ from brainage_bids.config import (
     Settings,
 )
 
+#: The paper's training recipe, and the fine-tuning defaults used with --init-from
+#: (lower learning rate, fewer epochs, early stopping on the site's validation data).
+TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 250, "lr": 1e-4, "patience": None}
+FINETUNE_DEFAULTS: dict[str, Any] = {"epochs": 60, "lr": 1e-5, "patience": 15}
+
 
 class UsageError(Exception):
     """A mistake in the command line: reported in one line, exit code 2."""
@@ -137,29 +142,43 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--seed", type=int, default=42, help="random seed (recorded in logs)")
 
     train = parser.add_argument_group("train level")
-    train.add_argument("--epochs", type=_positive_int, default=250, help="as the paper")
+    train.add_argument("--epochs", type=_positive_int, default=None,
+                       help=f"default {TRAIN_DEFAULTS['epochs']} as the paper; "
+                            f"{FINETUNE_DEFAULTS['epochs']} with --init-from")
     train.add_argument("--batch-size", type=_positive_int, default=4)
-    train.add_argument("--lr", type=_positive_float, default=1e-4, help="Adam learning rate")
+    train.add_argument("--lr", type=_positive_float, default=None,
+                       help=f"Adam learning rate (default {TRAIN_DEFAULTS['lr']:g}; "
+                            f"{FINETUNE_DEFAULTS['lr']:g} with --init-from)")
     train.add_argument("--loss", choices=LOSSES, default="l1")
     train.add_argument("--val-fraction", type=_fraction, default=0.2,
                        help="validation share, stratified by age")
-    train.add_argument("--attention", choices=ATTENTION_VARIANTS, default="shared",
-                       help="the paper's ablation variants")
-    train.add_argument("--dropout", type=_dropout, default=0.2,
+    train.add_argument("--attention", choices=ATTENTION_VARIANTS, default=None,
+                       help="the paper's ablation variants (default shared; with "
+                            "--init-from: the parent's)")
+    train.add_argument("--dropout", type=_dropout, default=None,
                        help="dropout probability of the two dropout layers (also the "
-                            "MC-dropout of the uncertainty)")
+                            "MC-dropout of the uncertainty; default 0.2; with --init-from: "
+                            "the parent's)")
     train.add_argument("--patience", type=_positive_int, default=None,
                        help="early stopping after this many epochs without a better "
-                            "validation MAE (default: off)")
+                            "validation MAE (default: off; "
+                            f"{FINETUNE_DEFAULTS['patience']} with --init-from)")
     train.add_argument("--no-augment", dest="augment", action="store_false",
                        help="train without data augmentation")
-    train.add_argument("--folds", type=_positive_int, default=1,
+    train.add_argument("--folds", type=_positive_int, default=None,
                        help="train an ensemble of K members on a K-fold split (grouped by "
                             "participant, stratified by age), each early-stopped on its own "
-                            "fold; writes out-of-fold predictions (default 1: one model)")
+                            "fold; writes out-of-fold predictions (default 1: one model; "
+                            "with an ensemble --init-from: its number of members)")
     train.add_argument("--ensemble", type=_positive_int, default=1, metavar="N",
                        help="members per fold with different seeds (with --folds 1: a seed "
                             "ensemble on one validation split)")
+    train.add_argument("--init-from", default=None, metavar="MODEL",
+                       help="fine-tune: start from a trained model's weights (default, a "
+                            "shipped name, or a path; every member of an ensemble) instead "
+                            "of a fresh initialisation; the architecture is the parent's")
+    train.add_argument("--freeze-trunk", action="store_true",
+                       help="with --init-from: train only the dense head")
     train.add_argument("--resume", action="store_true",
                        help="continue an interrupted training run from its work-dir "
                             "checkpoint (an ensemble: member by member)")
@@ -185,6 +204,50 @@ def _inside(path: Path, parent: Path) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _parent_architecture(spec: str) -> tuple[str, dict[str, Any], int]:
+    """The parent model's name, member architecture and number of members (card only)."""
+    from brainage_bids.model.weights import ModelError, read_card, resolve_model
+
+    try:
+        card = read_card(resolve_model(spec)[0])
+    except ModelError as err:
+        raise UsageError(f"--init-from {spec}: {err}") from None
+    arch = card["architecture"]
+    member = arch.get("member", arch)
+    return str(card.get("name", spec)), member, int(arch.get("n_members", 1))
+
+
+def _train_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Training options with their defaults: the paper's, or fine-tuning's with --init-from.
+
+    With --init-from the architecture is the parent's: an option that contradicts it is a
+    usage error, not something to silently override.
+    """
+    given = {key: getattr(args, key) for key in ("epochs", "lr", "patience", "attention",
+                                                   "dropout", "folds")}
+    if not args.init_from:
+        if args.freeze_trunk:
+            raise UsageError("--freeze-trunk needs --init-from (a trained model to start from)")
+        defaults = {**TRAIN_DEFAULTS, "attention": "shared", "dropout": 0.2, "folds": 1}
+        return {key: defaults[key] if value is None else value for key, value in given.items()}
+    name, member, n_members = _parent_architecture(args.init_from)
+    if member.get("name") != "BrainAgeNet":
+        raise UsageError(f"--init-from {args.init_from}: fine-tuning supports BrainAgeNet "
+                         f"models; {name} is {member.get('name')}")
+    for option in ("attention", "dropout"):
+        if given[option] is not None and given[option] != member.get(option):
+            raise UsageError(f"--{option} {given[option]} contradicts the parent model {name} "
+                             f"({option} {member.get(option)}); the architecture comes from "
+                             "the parent, so leave it out")
+    if n_members > 1 and given["folds"] not in (None, n_members):
+        raise UsageError(f"--folds {given['folds']}: the parent {name} has {n_members} "
+                         f"members and each seeds one fold, so use --folds {n_members} or "
+                         "leave it out")
+    defaults = {**FINETUNE_DEFAULTS, "attention": member.get("attention"),
+                "dropout": member.get("dropout"), "folds": n_members}
+    return {key: defaults[key] if value is None else value for key, value in given.items()}
 
 
 def _read_filters(path: Path | None) -> dict[str, Any]:
@@ -230,6 +293,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     if _inside(work_dir, bids_dir):
         raise UsageError(f"work directory {work_dir} is inside the BIDS directory")
     omp = args.omp_nthreads or min(args.nprocs, 8)
+    train = _train_options(args)
     return Settings(
         bids_dir=bids_dir,
         output_dir=output_dir,
@@ -250,17 +314,19 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         mc_samples=args.mc_samples,
         saliency=args.saliency,
         reports=args.reports,
-        epochs=args.epochs,
+        epochs=train["epochs"],
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=train["lr"],
         loss=args.loss,
         val_fraction=args.val_fraction,
-        attention=args.attention,
+        attention=train["attention"],
         resume=args.resume,
-        patience=args.patience,
-        dropout=args.dropout,
+        patience=train["patience"],
+        dropout=train["dropout"],
         augment=args.augment,
-        folds=args.folds,
+        folds=train["folds"],
+        init_from=args.init_from,
+        freeze_trunk=args.freeze_trunk,
         ensemble=args.ensemble,
         model_name=args.model_name,
         bias_method=args.bias_method,

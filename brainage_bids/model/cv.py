@@ -137,7 +137,9 @@ def _member_card_matches(card: dict[str, Any], plan: MemberPlan, config: TrainCo
 
 
 def _train_member(config: TrainConfig, plan: MemberPlan, members_dir: Path, work_dir: Path,
-                  resume: bool, progress: bool, card_extra: dict[str, Any]) -> dict[str, Any]:
+                  resume: bool, progress: bool, card_extra: dict[str, Any],
+                  init_state: dict[str, Any] | None,
+                  parent_member: int | None) -> dict[str, Any]:
     from brainage_bids.model.weights import read_card
 
     name = member_name(config.model_name, plan.index)
@@ -155,12 +157,14 @@ def _train_member(config: TrainConfig, plan: MemberPlan, members_dir: Path, work
                               "train_ids": [i.id for i in plan.train],
                               "validation_ids": [i.id for i in plan.val]}
     extra["ensemble_member"] = {"index": plan.index, "fold": plan.fold, "seed": plan.seed}
+    if "lineage" in card_extra and init_state is not None:
+        extra["lineage"] = {**card_extra["lineage"], "parent_member": parent_member}
     member_config = dataclasses.replace(config, model_name=name, seed=plan.seed)
     LOGGER.info("training member %d (fold %d, seed %d): %d training, %d validation images",
                 plan.index, plan.fold, plan.seed, len(plan.train), len(plan.val))
     return train_model(member_config, plan.train, plan.val, members_dir,
                        work_dir=work_dir / name, resume=resume, progress=progress,
-                       card_extra=extra)
+                       card_extra=extra, init_state=init_state)
 
 
 def _held_out_predictions(plans: Sequence[MemberPlan], members: Sequence[Any],
@@ -243,12 +247,16 @@ def train_ensemble(config: TrainConfig, items: Sequence[TrainItem], out_dir: str
                    work_dir: str | Path, folds: int = 5, seeds_per_fold: int = 1,
                    resume: bool = False, progress: bool = True,
                    card_extra: dict[str, Any] | None = None,
-                   mc_samples: int = 20) -> dict[str, Any]:
+                   mc_samples: int = 20,
+                   init_states: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train every member, then write the ensemble, its card and the OOF table to ``out_dir``.
 
     ``out_dir`` receives ``<name>.safetensors`` (all members, one sha256), ``<name>.json``
     (the card, written last), ``<name>_oof.tsv`` and each member's metrics and curve. The
     members' own files and checkpoints stay in ``work_dir``.
+
+    ``init_states`` (fine-tuning) gives member ``i`` the parent state ``i`` modulo their
+    number: an ensemble parent's members each seed one new member, a single parent all.
 
     Returns the ensemble's card (an empty dict on DDP ranks other than 0).
     """
@@ -260,8 +268,12 @@ def train_ensemble(config: TrainConfig, items: Sequence[TrainItem], out_dir: str
     plans = plan_members(items, folds=folds, seeds_per_fold=seeds_per_fold, seed=config.seed,
                          val_fraction=config.val_fraction)
     members_dir = work_dir / "members"
-    member_cards = [_train_member(config, plan, members_dir, work_dir, resume, progress,
-                                  card_extra) for plan in plans]
+    member_cards = []
+    for plan in plans:
+        parent = plan.index % len(init_states) if init_states else None
+        member_cards.append(_train_member(
+            config, plan, members_dir, work_dir, resume, progress, card_extra,
+            init_states[parent] if parent is not None else None, parent))
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
     members = [load_model(members_dir / f"{member_name(config.model_name, p.index)}.json")[0]

@@ -133,6 +133,8 @@ class TrainConfig:
     prefetch: bool = True
     init: str = "kaiming"
     tune_malloc: bool = True
+    init_from_sha256: str | None = None
+    freeze_trunk: bool = False
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -168,6 +170,9 @@ class TrainConfig:
         if (self.architecture == "SFCN") != (self.loss == "kl"):
             raise ValueError(f"loss 'kl' (soft labels) goes with SFCN and only with SFCN; got "
                              f"loss {self.loss!r} for {self.architecture}")
+        if self.freeze_trunk and self.init_from_sha256 is None:
+            raise ValueError("freeze_trunk needs a trained parent (init_from_sha256): a "
+                             "randomly initialised trunk cannot be frozen usefully")
         if self.attention_kernel % 2 != 1:
             raise ValueError(f"attention_kernel must be odd, got {self.attention_kernel}")
         if self.device != "auto":
@@ -318,6 +323,27 @@ def _initialise(model: nn.Module, scheme: str, mean_age: float) -> None:
                     nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
                     nn.init.zeros_(module.bias)
         model.dense[-1].bias.fill_(mean_age)
+
+
+def _start_from(model: nn.Module, state: dict[str, torch.Tensor], freeze_trunk: bool) -> None:
+    """Load a parent's weights (same architecture) and optionally freeze all but the head.
+
+    Frozen parameters get no gradient, so the trunk's backward pass is skipped entirely and
+    a fine-tuning epoch costs about a forward pass.
+    """
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"the parent model's weights do not fit this architecture: "
+                         f"{str(exc).splitlines()[0]}") from exc
+    if freeze_trunk:
+        head = getattr(model, "dense", None)
+        if head is None:
+            raise ValueError(f"freeze_trunk needs a model with a dense head; "
+                             f"{type(model).__name__} has none")
+        keep = {id(p) for p in head.parameters()}
+        for parameter in model.parameters():
+            parameter.requires_grad_(id(parameter) in keep)
 
 
 def _per_sample_loss(kind: str, pred: torch.Tensor, target: torch.Tensor,
@@ -636,8 +662,11 @@ def _build_card(config: TrainConfig, env: _Dist, model: nn.Module, state: _State
             "lr_schedule": config.lr_schedule, "optimizer": "Adam",
             "optimizer_params": {"betas": [0.9, 0.999], "eps": 1e-8,
                                  "weight_decay": config.weight_decay},
-            "init": config.init if config.architecture == "BrainAgeNet" else "default",
-            "output_bias_init": mean_age if config.architecture == "BrainAgeNet" else None,
+            "init": ("parent model" if config.init_from_sha256 else
+                     config.init if config.architecture == "BrainAgeNet" else "default"),
+            "output_bias_init": (mean_age if config.architecture == "BrainAgeNet"
+                                 and not config.init_from_sha256 else None),
+            "freeze_trunk": config.freeze_trunk,
             "augmentation": AUGMENTATION if config.augment else None,
             "seed": config.seed, "cache_dtype": config.cache_dtype,
             "precision": config.precision,
@@ -717,7 +746,8 @@ def _torch_settings(config: TrainConfig, env: _Dist) -> Iterator[None]:
 def train_model(config: TrainConfig, train_items: Sequence[TrainItem],
                 val_items: Sequence[TrainItem], out_dir: str | Path, *,
                 work_dir: str | Path, resume: bool = False, progress: bool = True,
-                card_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                card_extra: dict[str, Any] | None = None,
+                init_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Train a BrainAgeNet and write it, with its card, metrics and curve, to ``out_dir``.
 
     Parameters
@@ -739,8 +769,12 @@ def train_model(config: TrainConfig, train_items: Sequence[TrainItem],
     progress:
         A tqdm bar on stderr (rank 0 only).
     card_extra:
-        Added to the card's top level (training data, preprocessing backend, source dataset);
-        keys may not shadow the engine's own.
+        Added to the card's top level (training data, preprocessing backend, source dataset,
+        lineage); keys may not shadow the engine's own.
+    init_state:
+        A trained model's state dict to start from instead of a fresh initialisation
+        (fine-tuning); ``config.init_from_sha256`` must name its source so that a resume
+        can tell parents apart. With ``config.freeze_trunk`` only the dense head trains.
 
     Returns
     -------
@@ -749,6 +783,8 @@ def train_model(config: TrainConfig, train_items: Sequence[TrainItem],
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if (init_state is None) != (config.init_from_sha256 is None):
+        raise ValueError("init_state and config.init_from_sha256 go together")
     train_items, val_items = list(train_items), list(val_items)
     _validate_items(train_items, val_items)
     card_extra = dict(card_extra or {})
@@ -764,7 +800,7 @@ def train_model(config: TrainConfig, train_items: Sequence[TrainItem],
     try:
         with _torch_settings(config, env):
             card = _train(config, env, train_items, val_items, out_dir, work_dir, resume,
-                          progress, card_extra)
+                          progress, card_extra, init_state)
         if env.world > 1:
             import torch.distributed as dist
 
@@ -781,7 +817,8 @@ def train_model(config: TrainConfig, train_items: Sequence[TrainItem],
 
 def _train(config: TrainConfig, env: _Dist, train_items: list[TrainItem],
            val_items: list[TrainItem], out_dir: Path, work_dir: Path, resume: bool,
-           progress: bool, card_extra: dict[str, Any]) -> dict[str, Any]:
+           progress: bool, card_extra: dict[str, Any],
+           init_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -809,11 +846,13 @@ def _train(config: TrainConfig, env: _Dist, train_items: list[TrainItem],
                              "attention_kernel": config.attention_kernel,
                              "dropout": config.dropout})
     _initialise(model, config.init, mean_age)
+    if init_state is not None:
+        _start_from(model, init_state, config.freeze_trunk)
     model.to(env.device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr,
-                                 weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                 lr=config.lr, weight_decay=config.weight_decay)
     digests = {"config_digest": _config_digest(config),
                "items_digest": _items_digest(train_items, val_items)}
     ckpt = checkpoint_path(work_dir, config.model_name)

@@ -75,8 +75,11 @@ _CARD_ONLY_KEYS = frozenset({"name", "n_parameters"})
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters, each shared tensor counted once (as the paper counts them)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """All parameters, each shared tensor counted once (as the paper counts them).
+
+    Frozen ones count too: freezing the trunk for fine-tuning does not change the model.
+    """
+    return sum(p.numel() for p in model.parameters())
 
 
 def describe_architecture(model: nn.Module) -> dict[str, Any]:
