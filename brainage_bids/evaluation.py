@@ -67,25 +67,42 @@ def preprocessed_items(output_dir: str | Path, bids_dir: str | Path,
 
 
 def predict_items(model: Any, items: Sequence[EvalItem], *, mc_samples: int = 1,
-                  seed: int = 0, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+                  seed: int = 0, device: str = "cpu",
+                  flip_tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(predicted ages, MC-dropout SDs)`` for each item, exactly as the participant level.
 
     With ``mc_samples=1`` the SDs are 0 (no uncertainty estimate), which is much faster.
     """
+    rows = predict_records(model, items, mc_samples=mc_samples, seed=seed, device=device,
+                           flip_tta=flip_tta)
+    return (np.asarray([r["predicted_age"] for r in rows], dtype=np.float64),
+            np.asarray([r["mc_sd"] for r in rows], dtype=np.float64))
+
+
+def predict_records(model: Any, items: Sequence[EvalItem], *, mc_samples: int = 20,
+                    seed: int = 0, device: str = "cpu", flip_tta: bool = False,
+                    calibration: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The participant level's prediction of each item (single model or ensemble).
+
+    Each row is :func:`~brainage_bids.model.predict.predict_brain_age`'s result plus ``sd``
+    (calibrated with the card's ``calibration`` when given, as the records are).
+    """
     import nibabel as nib
 
     from brainage_bids.model.intensity import normalise_intensity
-    from brainage_bids.model.predict import predict_age
+    from brainage_bids.model.predict import predict_brain_age
+    from brainage_bids.model.uncertainty import calibrated_sd
 
-    preds, sds = [], []
+    rows = []
     for item in items:
         brain = np.asanyarray(nib.load(item.image).dataobj)
         mask = np.asanyarray(nib.load(item.mask).dataobj) > 0
-        result = predict_age(model, normalise_intensity(brain, mask), mc_samples=mc_samples,
-                             seed=seed, device=device)
-        preds.append(result["predicted_age"])
-        sds.append(result["mc_sd"])
-    return np.asarray(preds, dtype=np.float64), np.asarray(sds, dtype=np.float64)
+        result = predict_brain_age(model, normalise_intensity(brain, mask),
+                                   mc_samples=mc_samples, seed=seed, device=device,
+                                   flip_tta=flip_tta)
+        result.update(calibrated_sd(result, calibration))
+        rows.append(result)
+    return rows
 
 
 def fit_uncertainty_scale(age: Sequence[float], pred: Sequence[float],
