@@ -1,0 +1,91 @@
+"""What an ensemble of K members costs at the participant level: seconds and peak memory.
+
+Runs the participant level's prediction step (``predict_brain_age`` with MC dropout, with and
+without flip TTA) and its saliency step (Grad-CAM and attention maps of every member) for
+K = 1, 3, 5 members, each K in a fresh process so that its peak RSS is its own, on a real
+normalised brain (the MNI152 2 mm template brain). The members have random weights: the cost
+does not depend on the values. Prints a table; ``--json`` keeps every run.
+
+    python benchmarks/ensemble_cost.py --threads 2 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from importlib import resources
+
+from rounds import run_rounds
+
+
+def one(members: int, threads: int, mc_samples: int) -> dict:
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from brainage_bids.model.ensemble import BrainAgeEnsemble
+    from brainage_bids.model.intensity import normalise_intensity
+    from brainage_bids.model.net import BrainAgeNet
+    from brainage_bids.model.predict import predict_brain_age
+    from brainage_bids.model.saliency import attention_maps, gradcam_maps
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tpl = resources.files("brainage_bids") / "data" / "templates"
+    brain = np.asanyarray(nib.load(tpl / "tpl-MNI152NLin6Asym_res-02_desc-brain_T1w.nii.gz")
+                          .dataobj).astype(np.float32)
+    mask = np.asanyarray(nib.load(tpl / "tpl-MNI152NLin6Asym_res-02_desc-brain_mask.nii.gz")
+                         .dataobj) > 0
+    volume = normalise_intensity(brain, mask)
+    model = BrainAgeEnsemble([BrainAgeNet(dropout=0.2) for _ in range(members)]).eval()
+    out = {"members": members}
+    for flip in (False, True):
+        start = time.perf_counter()
+        predict_brain_age(model, volume, mc_samples=mc_samples, flip_tta=flip)
+        out[f"predict_s{'_flip' if flip else ''}"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for member in model.members:
+        gradcam_maps(member, volume)
+        attention_maps(member, volume)
+    out["saliency_s"] = time.perf_counter() - start
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mc-samples", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--members", type=int, nargs="+", default=[1, 3, 5])
+    parser.add_argument("--json", help="write every run here")
+    args = parser.parse_args(argv)
+    if args.one is not None:
+        print(json.dumps(one(args.one, args.threads, args.mc_samples)))
+        return 0
+    extra = ["--threads", str(args.threads), "--mc-samples", str(args.mc_samples)]
+    runs = run_rounds(__file__, [str(k) for k in args.members], args.repeats, extra,
+                      lambda r, v, res: print(f"  run {r + 1}, K={v}: {res}", file=sys.stderr))
+    if isinstance(runs, int):
+        return runs
+    print("| K members | predict (s) | predict + flip TTA (s) | saliency (s) | peak RSS (MB) |"
+          "\n|---|---|---|---|---|")
+    for k, rows in runs.items():
+        med = {key: statistics.median(r[key] for r in rows)
+               for key in ("predict_s", "predict_s_flip", "saliency_s", "peak_rss_mb")}
+        print(f"| {k} | {med['predict_s']:.2f} | {med['predict_s_flip']:.2f} | "
+              f"{med['saliency_s']:.2f} | {med['peak_rss_mb']:.0f} |")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"threads": args.threads, "mc_samples": args.mc_samples, "runs": runs},
+                      handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
