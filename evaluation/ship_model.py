@@ -30,6 +30,18 @@ IXI_ATTRIBUTION = {
 }
 
 
+def _cohort(card: dict) -> str:
+    """One line for the registry: the data, and how it was split."""
+    name, training = card["training_data"].get("name", "unknown"), card["training"]
+    folds = training.get("folds", 1)
+    if folds > 1:
+        members = card.get("ensemble", {}).get("n_members", folds)
+        return (f"{name}: {training['n_train']} participants, {folds}-fold cross-validated "
+                f"ensemble of {members} members")
+    return (f"{name}: {training['n_train']} training and {training['n_val']} validation "
+            "participants")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="trained model: directory, .safetensors or .json card")
@@ -58,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     entry = {
         "name": name, "file": card["file"], "card": f"{name}.json",
         "sha256": card["sha256"],
-        "training_cohort": f"{card['training_data'].get('name', 'unknown')}: "
-                           f"{card['training']['n_train']} training and "
-                           f"{card['training']['n_val']} validation participants",
+        "training_cohort": _cohort(card),
         "age_range": card["training"]["age_range"],
         "licence": IXI_ATTRIBUTION["licence"],
     }
