@@ -7,6 +7,10 @@ from typing import Any
 
 from brainage_bids.bids import ENTITY_KEYS, ENTITY_ORDER, OUTPUT_ENTITIES
 
+#: ``qc_pass`` values in the group table (TSV has no boolean type); the group level writes
+#: them and the reports read them, so they live here rather than in either.
+QC_TRUE, QC_FALSE = "true", "false"
+
 
 def derivative_name(source: dict[str, Any], *, suffix: str, extension: str,
                     **entities: Any) -> str:

@@ -28,15 +28,13 @@ import pandas as pd
 
 from brainage_bids import __version__
 from brainage_bids.config import BIAS_METHODS, Settings
-from brainage_bids.derivatives import derivative_path
+from brainage_bids.derivatives import QC_FALSE, QC_TRUE, derivative_path
 from brainage_bids.io import atomic_path, atomic_write_json
 
 LOG = logging.getLogger(__name__)
 
 TABLE_NAME = "group_brainage"
 NA = "n/a"
-#: qc_pass values in the table (TSV has no boolean type).
-QC_TRUE, QC_FALSE = "true", "false"
 #: Smallest number of images with ages for fitting a bias correction on the data.
 MIN_FIT = 3
 #: Prefix of participants.tsv columns whose names clash with the table's own columns.

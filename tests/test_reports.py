@@ -173,3 +173,10 @@ def test_figures_module_leaves_matplotlib_global_state_alone():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=False, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_reports_do_not_import_the_group_level():
+    """render.py and group.py imported each other; the report must stand on its own."""
+    code = ("import sys, brainage_bids.reports.render; "
+            "sys.exit('brainage_bids.group' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -21,8 +21,7 @@ from typing import Any
 from brainage_bids import __version__
 from brainage_bids.bids import T1wImage
 from brainage_bids.config import BIAS_METHODS
-from brainage_bids.derivatives import derivative_name, derivative_path, report_path
-from brainage_bids.group import QC_FALSE
+from brainage_bids.derivatives import QC_FALSE, derivative_name, derivative_path, report_path
 from brainage_bids.io import atomic_write_bytes, atomic_write_text
 from brainage_bids.templates import RESOLUTION_MM, TEMPLATE, template_path
 
