@@ -46,6 +46,7 @@ class Settings:
     mc_samples: int = 20
     saliency: bool = True
     reports: bool = True
+    reports_only: bool = False
     # train level
     epochs: int = 250
     batch_size: int = 4

@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip Grad-CAM and attention maps")
     model.add_argument("--no-reports", dest="reports", action="store_false",
                        help="skip HTML reports")
+    model.add_argument("--reports-only", action="store_true",
+                       help="participant level: re-render the HTML reports (and "
+                            "logs/CITATION.md) from existing derivatives, without "
+                            "preprocessing or predicting")
     model.add_argument("--seed", type=int, default=42, help="random seed (recorded in logs)")
 
     train = parser.add_argument_group("train level")
@@ -292,6 +296,9 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         work_dir = output_dir.parent / f"{output_dir.name}_work"
     if _inside(work_dir, bids_dir):
         raise UsageError(f"work directory {work_dir} is inside the BIDS directory")
+    if args.reports_only and (not args.reports or args.analysis_level != "participant"):
+        raise UsageError("--reports-only re-renders the participant reports: use it at the "
+                         "participant level and without --no-reports")
     omp = args.omp_nthreads or min(args.nprocs, 8)
     train = _train_options(args)
     return Settings(
@@ -314,6 +321,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         mc_samples=args.mc_samples,
         saliency=args.saliency,
         reports=args.reports,
+        reports_only=args.reports_only,
         epochs=train["epochs"],
         batch_size=args.batch_size,
         lr=train["lr"],

@@ -103,8 +103,9 @@ def _resolve_model(spec: str, device: str) -> tuple[str, dict]:
 
 
 def run_participant(settings: Settings) -> int:
+    """Images run one after another (``--nprocs`` at a time), each reported as it ends."""
     from brainage_bids.bids import write_dataset_description
-    from brainage_bids.workflows.participant import init_participant_wf
+    from brainage_bids.cohort import reports_only, run_cohort, write_methods
     from brainage_bids.workflows.preproc import resolve_backend
 
     images = select_images(settings)
@@ -112,21 +113,20 @@ def run_participant(settings: Settings) -> int:
     model, card = _resolve_model(settings.model, settings.device)
     architecture = card.get("architecture", {})
     is_attention_net = architecture.get("name", "BrainAgeNet") == "BrainAgeNet"
+    gradcam = settings.saliency and is_attention_net
+    methods = write_methods(settings, backend=backend, card=card, saliency=gradcam)
+    if settings.reports_only:
+        return EXIT_FAILURE if reports_only(settings, images, methods) else EXIT_OK
     LOG.info("preprocessing backend: %s", backend)
     write_dataset_description(settings.output_dir, settings.bids_dir)
-    workflow = init_participant_wf(
-        images=images, bids_dir=settings.bids_dir, output_dir=settings.output_dir,
-        work_dir=settings.work_dir, backend=backend, omp_nthreads=settings.omp_nthreads,
-        model=model, device=settings.device, mc_samples=settings.mc_samples,
-        seed=settings.seed, gradcam=settings.saliency and is_attention_net,
-        attention=(settings.saliency and is_attention_net
-                   and architecture.get("attention", "none") != "none"))
-    failures = execute(workflow, settings)
-    summary = summarise_participants(images, settings, failures)
-    if settings.reports:
-        from brainage_bids.reports.render import write_participant_reports
-
-        write_participant_reports(settings.output_dir, images, failures)
+    workflow_args = dict(
+        bids_dir=settings.bids_dir, output_dir=settings.output_dir, backend=backend,
+        omp_nthreads=settings.omp_nthreads, model=model, device=settings.device,
+        mc_samples=settings.mc_samples, seed=settings.seed, gradcam=gradcam,
+        attention=gradcam and architecture.get("attention", "none") != "none")
+    failures, crashes = run_cohort(settings, images, workflow_args=workflow_args,
+                                   methods=methods)
+    summary = summarise_participants(images, settings, failures, crashes)
     return EXIT_FAILURE if summary["failed"] else EXIT_OK
 
 
@@ -145,8 +145,9 @@ def execute(workflow, settings: Settings) -> dict[str, str]:
     return failures
 
 
-def summarise_participants(images, settings: Settings, failures: dict[str, str]) -> dict:
-    """Print one line per image, write ``logs/summary-<uuid>.json``, count failures."""
+def summarise_participants(images, settings: Settings, failures: dict[str, str],
+                           crashes: dict[str, str] | None = None) -> dict:
+    """Recap the failures, write ``logs/summary-<uuid>.json``, count failures."""
     import json
 
     from brainage_bids.derivatives import derivative_path
@@ -165,15 +166,11 @@ def summarise_participants(images, settings: Settings, failures: dict[str, str])
                          "record": str(record_path.relative_to(settings.output_dir))})
         else:
             rows.append({"image": image.name, "status": "failed",
-                         "error": error or "no brain-age record was written"})
+                         "error": error or "no brain-age record was written",
+                         "crash_file": (crashes or {}).get(image.node_name)})
     failed = [r for r in rows if r["status"] == "failed"]
-    for row in rows:
-        if row["status"] == "ok":
-            age = row["chronological_age"]
-            known = f" (age {age:g})" if age is not None else ""
-            LOG.info("%s: predicted age %.1f%s", row["image"], row["predicted_age"], known)
-        else:
-            LOG.error("%s: FAILED: %s", row["image"], row["error"])
+    for row in failed:  # each image had its line as it finished; the failures again at the end
+        LOG.error("%s: FAILED: %s", row["image"], row["error"])
     summary = {"level": "participant", "n_images": len(rows), "failed": len(failed),
                "images": rows}
     atomic_write_json(settings.logs_dir / f"summary-{settings.run_uuid}.json", summary)

@@ -20,6 +20,7 @@ from typing import Any
 
 from brainage_bids import __version__
 from brainage_bids.bids import T1wImage
+from brainage_bids.citation import Methods
 from brainage_bids.config import BIAS_METHODS
 from brainage_bids.derivatives import QC_FALSE, derivative_name, derivative_path, report_path
 from brainage_bids.io import atomic_write_bytes, atomic_write_text
@@ -243,23 +244,53 @@ def _image_section(output_dir: Path, image: T1wImage, error: str | None) -> dict
     }
 
 
+def _crash_text(output_dir: Path, crash: str | None) -> str | None:
+    """A crash file's path relative to OUTPUT_DIR when it lies inside (reports move)."""
+    if not crash:
+        return None
+    try:
+        return Path(crash).relative_to(output_dir).as_posix()
+    except ValueError:
+        return str(crash)
+
+
+def methods_context(methods: Methods | None) -> dict[str, Any] | None:
+    """The Methods section: the paragraphs of ``logs/CITATION.md`` and their references."""
+    if methods is None:
+        return None
+    return {"paragraphs": methods.paragraphs, "references": methods.reference_list()}
+
+
 def write_participant_report(output_dir: Path, subject: str, images: list[T1wImage],
-                             failures: dict[str, str]) -> Path:
-    """``sub-X.html``: one section per T1w image (session, run) of one participant."""
+                             failures: dict[str, str], *,
+                             crashes: dict[str, str] | None = None,
+                             methods: Methods | None = None) -> Path:
+    """``sub-X.html``: one section per T1w image (session, run) of one participant.
+
+    ``failures`` and ``crashes`` (by image node name) fill the Errors section, so a failed
+    image is explained in the report itself, with the crash file to open next.
+    """
     output_dir = Path(output_dir)
+    crashes = crashes or {}
     sections = [_image_section(output_dir, image,
                                failures.get(image.node_name) or failures.get("*"))
                 for image in images]
+    errors = [{"id": s["id"], "image": s["title"], "error": s["error"],
+               "crash": _crash_text(output_dir, crashes.get(image.node_name))}
+              for s, image in zip(sections, images, strict=True) if s["error"]]
     html = _environment().get_template("participant.html.j2").render(
         title=f"sub-{subject}", subject=subject, sections=sections, version=__version__,
-        generated=_now(), n_failed=sum(1 for s in sections if s["error"]),
+        generated=_now(), n_failed=len(errors), errors=errors,
+        methods=methods_context(methods),
         group_report="group_brainage.html"
         if (output_dir / "group_brainage.html").is_file() else None)
     return atomic_write_text(report_path(output_dir, subject), html)
 
 
 def write_participant_reports(output_dir: Path, images: list[T1wImage],
-                              failures: dict[str, str]) -> list[Path]:
+                              failures: dict[str, str], *,
+                              crashes: dict[str, str] | None = None,
+                              methods: Methods | None = None) -> list[Path]:
     """One report per participant among ``images``; failed images show their error.
 
     A report that cannot be written is logged and skipped: reports must never turn a
@@ -272,7 +303,8 @@ def write_participant_reports(output_dir: Path, images: list[T1wImage],
     for subject, subject_images in sorted(by_subject.items()):
         try:
             written.append(write_participant_report(Path(output_dir), subject, subject_images,
-                                                    failures))
+                                                    failures, crashes=crashes,
+                                                    methods=methods))
         except Exception:
             LOG.exception("the report of sub-%s could not be written", subject)
     LOG.info("wrote %d participant report(s)", len(written))
@@ -422,9 +454,16 @@ def _flat(obj: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
         yield prefix.rstrip("."), obj
 
 
-def write_group_report(output_dir: Path, table, sidecar: dict[str, Any]) -> Path:
-    """``group_brainage.html`` from the group table and its sidecar (``BrainAge`` section)."""
+def write_group_report(output_dir: Path, table, sidecar: dict[str, Any], *,
+                       errors: list[dict[str, Any]] | None = None,
+                       methods: Methods | None = None) -> Path:
+    """``group_brainage.html`` from the group table and its sidecar (``BrainAge`` section).
+
+    ``errors`` (``image``, ``error``, ``crash``) lists the images without a usable record,
+    so that a group's missing participants are explained where the group is summarised.
+    """
     output_dir = Path(output_dir)
+    errors = [{**e, "crash": _crash_text(output_dir, e.get("crash"))} for e in errors or []]
     summary = sidecar.get("BrainAge", {})
     primary = summary.get("PrimaryBiasCorrection") or "beheshti"
     columns = _shown_columns(table, primary)
@@ -439,5 +478,6 @@ def write_group_report(output_dir: Path, table, sidecar: dict[str, Any]) -> Path
         rows=_table_rows(table, columns, output_dir), models=summary.get("Models", []),
         sources=[(METHOD_LABELS.get(method, method), entry.get("Source", "n/a"))
                  for method, entry in (summary.get("BiasCorrection") or {}).items()
-                 if isinstance(entry, dict)])
+                 if isinstance(entry, dict)],
+        errors=errors, methods=methods_context(methods))
     return atomic_write_text(output_dir / "group_brainage.html", html)
