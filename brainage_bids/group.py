@@ -488,13 +488,43 @@ def build_group(settings: Settings) -> tuple[pd.DataFrame, dict[str, Any]]:
         "BiasCorrection": coefficients,
         "BiasReference": settings.bias_reference,
         "Models": [{"Name": n, "SHA256": s} for n, s in models],
+        # for the methods text (logs/CITATION.md): what the participant level ran
+        "PreprocessingBackends": sorted({str((r.get("preprocessing") or {}).get("backend"))
+                                         for r in records}),
+        "UncertaintySamples": max((int((r.get("uncertainty") or {}).get("samples") or 0)
+                                   for r in records), default=0),
         "GeneratedBy": {"Name": "brainage-bids", "Version": __version__},
     }
     return table, sidecar
 
 
+def group_errors(settings: Settings) -> list[dict[str, Any]]:
+    """Images whose latest participant-level run failed: reason and crash file."""
+    from brainage_bids.cohort import last_failures
+
+    errors, crashes = last_failures(settings.logs_dir)
+    return [{"image": name, "error": error, "crash": crashes.get(name)}
+            for name, error in sorted(errors.items())]
+
+
+def group_methods_text(settings: Settings, sidecar: dict[str, Any]):
+    """The methods of the whole analysis (participant level, then this bias correction)."""
+    from brainage_bids.citation import group_methods
+
+    summary = sidecar["BrainAge"]
+    primary = summary["BiasCorrection"].get(settings.bias_method) or {}
+    backends = summary.get("PreprocessingBackends") or ["ants"]
+    card = {} if settings.bias_reference else load_card(settings.model)
+    return group_methods(backend=backends[0], card=card,
+                         mc_samples=summary.get("UncertaintySamples") or 0,
+                         bias_method=settings.bias_method,
+                         bias_source=primary.get("Source"))
+
+
 def run_group(settings: Settings) -> int:
     """The ``group`` analysis level: table, sidecar and HTML report under OUTPUT_DIR."""
+    from brainage_bids.citation import write_citation
+
     table, sidecar = build_group(settings)
     out = Path(settings.output_dir)
     tsv = write_table(table, out / f"{TABLE_NAME}.tsv")
@@ -505,8 +535,12 @@ def run_group(settings: Settings) -> int:
     for name, metrics in summary["Metrics"].items():
         LOG.info("%-11s MAE %.2f years, r(gap, age) %s", name, metrics.get("MAE", math.nan),
                  metrics.get("r_gap_age"))
+    methods = group_methods_text(settings, sidecar)
+    LOG.info("methods boilerplate: %s", write_citation(settings.logs_dir, methods))
     if settings.reports:
         from brainage_bids.reports.render import write_group_report
 
-        LOG.info("group report: %s", write_group_report(out, table, sidecar))
+        LOG.info("group report: %s", write_group_report(out, table, sidecar,
+                                                        errors=group_errors(settings),
+                                                        methods=methods))
     return 0

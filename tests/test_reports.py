@@ -17,12 +17,15 @@ from pathlib import Path
 import pytest
 
 from brainage_bids.bids import collect_t1w, load_layout
+from brainage_bids.citation import participant_methods
 from brainage_bids.derivatives import derivative_path
 from brainage_bids.group import build_group
 from brainage_bids.reports.render import write_group_report, write_participant_reports
+from tests.conftest import read_json as read_card
 from tests.test_group import MNI, PEOPLE, XSS, build_study, write_card
 
 FAILURE = "ImageError: sub-03_T1w.nii.gz: cannot be read <b>truncated</b>"
+CRASH = "logs/crashes/crash-20261202-sub03-validate.txt"
 
 
 def render_study(root: Path) -> dict:
@@ -40,10 +43,17 @@ def render_study(root: Path) -> dict:
                     desc="preproc", **MNI).unlink()
     images = collect_t1w(load_layout(settings.bids_dir, validate=False),
                          participant_label=("03", "11"))
-    failures = {next(i for i in images if i.subject == "03").node_name: FAILURE}
-    participant = write_participant_reports(settings.output_dir, images, failures)
+    failed_node = next(i for i in images if i.subject == "03").node_name
+    failures = {failed_node: FAILURE}
+    methods = participant_methods(backend="ants", card=read_card(settings.model),
+                                  mc_samples=20)
+    participant = write_participant_reports(
+        settings.output_dir, images, failures,
+        crashes={failed_node: str(settings.output_dir / CRASH)}, methods=methods)
     table, sidecar = build_group(settings)
-    group = write_group_report(settings.output_dir, table, sidecar)
+    group = write_group_report(settings.output_dir, table, sidecar, methods=methods,
+                               errors=[{"image": "sub-03", "error": FAILURE,
+                                        "crash": str(settings.output_dir / CRASH)}])
     return {"settings": settings, "participant": participant, "group": group,
             "images": images}
 
@@ -138,7 +148,8 @@ def test_group_report_content_and_escaping(rendered):
     assert html.count("<script>") == 1  # only the inline table-sorting script
     assert 'href="sub-11.html"' in html  # relative links to the participant reports
     assert 'href="sub-01.html"' not in html  # no report was written for sub-01
-    assert ">sub-03<" not in html  # its image failed: no record, no row
+    table = html[html.index('id="group-table"'):html.index('id="errors"')]
+    assert ">sub-03<" not in table  # its image failed: no record, no row
     for title in ("Predicted against chronological age", "Brain-age gap against age",
                   "Distribution of the brain-age gap by group"):
         assert title in html
@@ -180,3 +191,25 @@ def test_reports_do_not_import_the_group_level():
     code = ("import sys, brainage_bids.reports.render; "
             "sys.exit('brainage_bids.group' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_errors_section_lists_failures_with_their_crash_files(rendered):
+    out = rendered["settings"].output_dir
+    failed = (out / "sub-03.html").read_text()
+    errors = failed[failed.index('id="errors"'):]
+    assert "1 image failed" in errors
+    assert 'href="#sub-03"' in errors and CRASH in errors  # relative to OUTPUT_DIR
+    assert "cannot be read &lt;b&gt;truncated&lt;/b&gt;" in errors
+    fine = (out / "sub-11.html").read_text()
+    assert "No errors: every image was processed." in fine[fine.index('id="errors"'):]
+    group = rendered["group"].read_text()
+    errors = group[group.index('id="errors"'):]
+    assert "sub-03" in errors and CRASH in errors and "&lt;b&gt;truncated" in errors
+
+
+def test_methods_section_in_both_reports(rendered):
+    out = rendered["settings"].output_dir
+    for html in ((out / "sub-11.html").read_text(), rendered["group"].read_text()):
+        methods = html[html.index('id="methods"'):]
+        assert "Brain age was predicted with the model" in methods
+        assert "Kancharla &amp; Sinha, 2024" in methods and "<ol class=\"references\">" in methods
