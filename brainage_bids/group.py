@@ -128,7 +128,8 @@ def find_records(settings: Settings) -> list[Path]:
     """Brain-age records of the selected T1w images that the participant level wrote."""
     from brainage_bids.bids import collect_t1w, load_layout
 
-    layout = load_layout(settings.bids_dir, validate=not settings.skip_bids_validation)
+    layout = load_layout(settings.bids_dir, validate=not settings.skip_bids_validation,
+                         index_metadata=bool(settings.bids_filters))
     images = collect_t1w(layout, participant_label=settings.participant_label,
                          session_label=settings.session_label, filters=settings.bids_filters)
     paths = [derivative_path(settings.output_dir, image.entities, suffix="brainage",

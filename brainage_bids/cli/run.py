@@ -83,7 +83,8 @@ def select_images(settings: Settings) -> list:
     """Every T1w image the settings select (pybids query, labels, filter file)."""
     from brainage_bids.bids import collect_t1w, load_layout
 
-    layout = load_layout(settings.bids_dir, validate=not settings.skip_bids_validation)
+    layout = load_layout(settings.bids_dir, validate=not settings.skip_bids_validation,
+                         index_metadata=bool(settings.bids_filters))
     images = collect_t1w(layout, participant_label=settings.participant_label,
                          session_label=settings.session_label, filters=settings.bids_filters)
     LOG.info("found %d T1w image(s) of %d participant(s)", len(images),

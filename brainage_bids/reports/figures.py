@@ -9,6 +9,7 @@ or SVG bytes that the HTML embeds inline (data URIs), so a copied report opens o
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -27,6 +28,8 @@ WM_CONTOUR = "#ffd21f"
 GROUP_COLOURS = ("#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00",
                  "#f0e442", "#000000")
 DPI = 100
+#: Above this many points a scatter plot is drawn as a bitmap inside the SVG.
+RASTER_POINTS = 500
 #: Mosaics are drawn finer: they are shown at the full width of the report.
 MOSAIC_DPI = 125
 
@@ -342,16 +345,31 @@ def _style(ax, xlabel: str, ylabel: str) -> None:
         ax.spines[side].set_visible(False)
 
 
+def point_style(n: int, size: float) -> dict[str, float | bool]:
+    """Markers that stay readable for thousands of points, and an SVG that stays light.
+
+    Above :data:`RASTER_POINTS` points the markers shrink and turn translucent (so density
+    shows) and are drawn as one embedded bitmap (axes, labels and lines stay vector): an SVG
+    with an element per point makes a 10,000-participant report freeze the browser.
+    """
+    if n <= RASTER_POINTS:
+        return {"s": size, "alpha": 0.8, "rasterized": False}
+    return {"s": max(3.0, size * math.sqrt(RASTER_POINTS / n)), "alpha": 0.45,
+            "rasterized": True}
+
+
 def _scatter_groups(ax, x, y, labels, levels, qc_fail) -> None:
+    style = point_style(len(x), 22)
     for i, level in enumerate(levels):
         sel = labels == level
         colour = GROUP_COLOURS[i % len(GROUP_COLOURS)]
         ok = sel & ~qc_fail
-        ax.scatter(x[ok], y[ok], s=22, color=colour, alpha=0.8, edgecolor="white", lw=0.4,
-                   label=None if level == "all" else str(level))
+        ax.scatter(x[ok], y[ok], color=colour, edgecolor="white", lw=0.4,
+                   label=None if level == "all" else str(level), **style)
         bad = sel & qc_fail
         if bad.any():
-            ax.scatter(x[bad], y[bad], s=30, color=colour, marker="x", lw=1.2)
+            ax.scatter(x[bad], y[bad], s=30, color=colour, marker="x", lw=1.2,
+                       rasterized=style["rasterized"])
 
 
 def predicted_vs_age(age: np.ndarray, predicted: np.ndarray, *,
@@ -437,8 +455,9 @@ def gap_distribution(gaps: Mapping[str, np.ndarray], *,
                     body.set_facecolor(colour)
                     body.set_alpha(0.25)
             if values.size:
-                ax.scatter(i + rng.uniform(-0.12, 0.12, values.size), values, s=14,
-                           color=colour, alpha=0.85, edgecolor="white", lw=0.3)
+                ax.scatter(i + rng.uniform(-0.12, 0.12, values.size), values,
+                           color=colour, edgecolor="white", lw=0.3,
+                           **point_style(values.size, 14))
                 ax.hlines(np.mean(values), i - 0.3, i + 0.3, color="black", lw=1.5)
             data.append(values)
             positions.append(i)
