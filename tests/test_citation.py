@@ -1,0 +1,75 @@
+"""The methods boilerplate says what ran: backend, versions, model, uncertainty, bias."""
+
+from __future__ import annotations
+
+import re
+
+from brainage_bids.citation import (
+    REFERENCES,
+    group_methods,
+    participant_methods,
+    write_citation,
+)
+from brainage_bids.model.weights import registry
+
+from .conftest import REPO, read_json
+
+VERSIONS = {"nipype": "1.11.0", "pybids": "0.22.0", "torch": "2.13.0", "antspyx": "0.6.3",
+            "FSL": "6.0.7"}
+
+
+def shipped_card() -> dict:
+    return read_json(REPO / "brainage_bids" / "data" / "models" /
+                     f"{registry()['default']}.json")
+
+
+def test_participant_methods_describe_the_ants_run_and_the_model():
+    card = shipped_card()
+    text = participant_methods(backend="ants", card=card, mc_samples=20,
+                               versions=VERSIONS).markdown()
+    for part in ("N4", "ANTsPy 0.6.3", "Nipype 1.11.0", "PyBIDS 0.22.0", "PyTorch 2.13.0",
+                 "MNI152NLin6Asym", card["name"], card["sha256"], "5,408,228 parameters",
+                 "one spatial-attention module shared by all blocks", "20 Monte-Carlo dropout",
+                 "IXI", "Grad-CAM"):
+        assert part in text, part
+    assert f"scaled by {card['uncertainty']['calibration_scale']:.3g}" in text
+    assert "FLIRT" not in text and "BET" not in text
+    references = text[text.index("## References"):]
+    for key in ("kancharla2024", "avants2011", "tustison2010", "gorgolewski2011",
+                "yarkoni2019", "ciric2022", "ixi"):
+        assert REFERENCES[key][1] in references, key
+    assert REFERENCES["jenkinson2012"][1] not in references
+
+
+def test_fsl_backend_and_no_saliency_change_the_text():
+    text = participant_methods(backend="fsl", card=shipped_card(), mc_samples=5,
+                               saliency=False, versions=VERSIONS).markdown()
+    assert "FSL 6.0.7 BET" in text and "FLIRT (12 degrees of freedom" in text
+    assert "ANTs" not in text and "N4" not in text and "Grad-CAM" not in text
+    assert "5 Monte-Carlo dropout" in text
+
+
+def test_ensemble_and_group_bias_correction():
+    card = {"name": "site-ens", "sha256": "ab" * 32,
+            "architecture": {"n_members": 5, "member": {"name": "BrainAgeNet",
+                                                        "attention": "shared"}}}
+    methods = group_methods(backend="ants", card=card, mc_samples=20, bias_method="cole",
+                            bias_source="fitted on the reference group group=control",
+                            versions=VERSIONS)
+    text = methods.markdown()
+    assert "an ensemble of 5 members" in text
+    assert "(de Lange & Cole, 2020)" in text and "(P - b)/a" in text
+    assert "fitted on the reference group group=control" in text
+    assert "calibrat" not in text  # this card has no calibration scale: none is claimed
+
+
+def test_citation_files_match_each_other(tmp_path):
+    methods = participant_methods(backend="ants", card=shipped_card(), mc_samples=20,
+                                  versions=VERSIONS)
+    md = write_citation(tmp_path, methods)
+    assert md == tmp_path / "CITATION.md"
+    bib = (tmp_path / "CITATION.bib").read_text()
+    keys = re.findall(r"^@\w+\{(\w+),", bib, flags=re.MULTILINE)
+    assert keys == methods.references and len(keys) == len(set(keys))
+    numbered = re.findall(r"^\d+\. ", md.read_text(), flags=re.MULTILINE)
+    assert len(numbered) == len(keys)
