@@ -174,7 +174,7 @@ def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Call
         config = dataclasses.replace(config, init_from_sha256=lineage["parent"]["sha256"],
                                      freeze_trunk=settings.freeze_trunk)
     work_dir = settings.work_dir / f"train_{name}"
-    progress = sys.stderr.isatty() or settings.verbose > 0
+    progress = sys.stderr.isatty()  # a bar on a terminal; a batch log gets the epoch lines
     if settings.folds > 1 or settings.ensemble > 1:
         from brainage_bids.model.cv import train_ensemble
 

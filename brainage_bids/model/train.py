@@ -64,6 +64,7 @@ from brainage_bids.model.intensity import NORMALISATION
 from brainage_bids.model.net import ATTENTION_VARIANTS, INPUT_SHAPE
 from brainage_bids.model.predict import resolve_device
 from brainage_bids.model.weights import build_model, describe_architecture
+from brainage_bids.progress import eta_seconds, format_duration
 
 LOGGER = logging.getLogger(__name__)
 
@@ -878,6 +879,7 @@ def _train(config: TrainConfig, env: _Dist, train_items: list[TrainItem],
         bar.set_postfix(loss=f"{state.history[-1]['train_loss']:.3g}",
                         val_mae=f"{state.history[-1]['val_mae']:.3g}")
     wall_base = state.wall_seconds  # earlier sessions of a resumed run
+    first_epoch = state.epoch  # the ETA counts this session's pace only
     with bar:
         while not state.finished:
             epoch = state.epoch  # 0-based index of the epoch about to run
@@ -917,9 +919,13 @@ def _train(config: TrainConfig, env: _Dist, train_items: list[TrainItem],
             state.wall_seconds = wall_base + (time.perf_counter() - started)
             if env.main:
                 _save_checkpoint(ckpt, state, model, optimizer, digests)
-            LOGGER.info("epoch %d/%d: train loss %.4g, val MAE %.3f (best %.3f at %d)",
+            left = eta_seconds(time.perf_counter() - started, state.epoch - first_epoch,
+                               config.epochs - first_epoch)
+            LOGGER.info("epoch %d/%d: train loss %.4g, val MAE %.3f (best %.3f at %d), %s%s",
                         state.epoch, config.epochs, state.history[-1]["train_loss"],
-                        metrics["mae"], state.best_mae, state.best_epoch)
+                        metrics["mae"], state.best_mae, state.best_epoch,
+                        format_duration(state.history[-1]["seconds"]),
+                        f", ETA {format_duration(left)}" if left else "")
             bar.update()
             bar.set_postfix(loss=f"{state.history[-1]['train_loss']:.3g}",
                             val_mae=f"{metrics['mae']:.3g}")
