@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -117,6 +118,14 @@ def test_logs_and_reports(participant_run):
     assert summary["failed"] == 0 and summary["images"][0]["status"] == "ok"
     html = (out / "sub-IXI012.html").read_text()
     assert "sub-IXI012" in html and "data:image/png;base64," in html
+    assert 'id="methods"' in html and "No errors: every image was processed." in html
+    log = "".join(p.read_text() for p in logs.glob("brainage-*.log"))
+    record = read_json(out / "sub-IXI012" / "anat" / "sub-IXI012_brainage.json")
+    assert re.search(rf"\[1/1\] sub-IXI012: predicted age {record['predicted_age']:.1f} "
+                     r"\(age 38\.8\), \d+ s", log), log[-2000:]
+    citation = (logs / "CITATION.md").read_text()
+    assert record["model"]["sha256"] in citation  # the group level wrote it last:
+    assert "corrected for its dependence on age (Beheshti et al., 2019)" in citation
 
 
 def test_group_level_table(participant_run):
@@ -192,6 +201,9 @@ def test_bad_inputs_fail_clearly_and_others_finish(tmp_path, untrained_model, ca
         assert reason in row["error"], (name, row["error"])
         assert not (out / f"sub-{name}" / "anat" / f"sub-{name}_brainage.json").exists()
     err = capsys.readouterr().err
+    # one progress line per image as it finished, failures with their crash file
+    assert sorted(re.findall(r"\[(\d)/6\] sub-", err)) == list("123456")
+    assert len(re.findall(r"\[\d/6\] sub-\w+: FAILED: .*\(crash file \S+crash-", err)) == 5
     assert "FAILED" in err and "Traceback" not in err.split("FAILED")[-1]
 
 
