@@ -61,3 +61,31 @@ def test_reports_only_contradicts_no_reports(tmp_path, capsys):
     code = main([str(settings.bids_dir), str(settings.output_dir), "participant",
                  "--reports-only", "--no-reports", "--skip-bids-validation"])
     assert code == 2 and "--reports-only" in capsys.readouterr().err
+
+
+def test_workers_share_the_cpu_and_memory_budget():
+    from brainage_bids.workflows.scheduler import image_workers
+
+    assert image_workers(nprocs=2, omp_nthreads=2) == 1  # the default: one image, 2 threads
+    assert image_workers(nprocs=4, omp_nthreads=1) == 4
+    assert image_workers(nprocs=8, omp_nthreads=3) == 2
+    assert image_workers(nprocs=8, omp_nthreads=1, mem_gb=3.0) == 2  # 1.5 GB per image
+    assert image_workers(nprocs=1, omp_nthreads=4) == 1
+
+
+def test_crash_file_of_finds_the_images_own_newest_crash(tmp_path):
+    from brainage_bids.workflows.scheduler import crash_file_of
+
+    def crash(name: str, node: str) -> None:
+        (tmp_path / f"crash-{name}.txt").write_text(
+            f"Node: {node}\nWorking directory: /w\n\nTraceback:\nImageError: bad\n")
+        time.sleep(0.02)
+
+    started = time.time()
+    crash("a", "brainage_wf.t1w_sub01_wf.t1w_preproc_wf.validate")
+    crash("b", "t1w_sub012_wf.t1w_preproc_wf.validate")  # another image, longer name
+    crash("c", "t1w_sub01_wf.predict")
+    found = crash_file_of(tmp_path, "sub01", since=started)
+    assert found == tmp_path / "crash-c.txt"
+    assert crash_file_of(tmp_path, "sub012", since=started) == tmp_path / "crash-b.txt"
+    assert crash_file_of(tmp_path, "sub02", since=started) is None
