@@ -118,6 +118,7 @@ def _engine(variant: str, batch: int, steps: int, warmup: int,
 
     from brainage_bids.model import train as engine
     from brainage_bids.model.data import Augmenter, VolumeCache
+    from brainage_bids.model.distributed import DistEnv
 
     overrides: dict[str, object] = {"augment": False}
     for token in variant.split("-")[1:]:
@@ -129,7 +130,7 @@ def _engine(variant: str, batch: int, steps: int, warmup: int,
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    env = engine._Dist(0, 1, 0, device, False)
+    env = DistEnv(0, 1, 0, device, False)
     if config.tune_malloc:
         engine._tune_malloc()
     volume = _template_volume()

@@ -110,13 +110,13 @@ def _backend_of(settings: Settings, image: T1wImage) -> str:
 
 def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Callable) -> dict:
     """Preprocess where needed, then train; returns the model card."""
-    from brainage_bids.model.train import (
+    from brainage_bids.model.train import train_model
+    from brainage_bids.model.train_config import (
         MIN_TRAIN,
         MIN_VAL,
         TrainConfig,
         TrainItem,
         split_stratified,
-        train_model,
     )
 
     labelled = [im for im in images if im.age is not None]

@@ -34,6 +34,7 @@ from brainage_bids.model.data import (
     VolumeCache,
     build_cache,
 )
+from brainage_bids.model.distributed import DistEnv, shard
 from brainage_bids.model.train import (
     METRIC_COLUMNS,
     TrainConfig,
@@ -209,12 +210,10 @@ def test_augmentation_transforms_do_what_the_card_says(items):
 
 def test_ranks_share_each_global_batch_without_overlap():
     batch = np.array([7, 3, 9, 1, 4])
-    shares = [train_module._shard(batch, train_module._Dist(r, 2, r, torch.device("cpu"), False))
-              for r in range(2)]
+    shares = [shard(batch, DistEnv(r, 2, r, torch.device("cpu"), False)) for r in range(2)]
     assert np.concatenate([s for s, _ in shares]).tolist() == batch.tolist()
     assert [w.tolist() for _, w in shares] == [[1, 1, 1], [1, 1]]
-    tiny = [train_module._shard(batch[:1], train_module._Dist(r, 2, r, torch.device("cpu"),
-                                                              False)) for r in range(2)]
+    tiny = [shard(batch[:1], DistEnv(r, 2, r, torch.device("cpu"), False)) for r in range(2)]
     assert tiny[0][1].tolist() == [1] and tiny[1][1].tolist() == [0]  # padded, weight 0
 
 

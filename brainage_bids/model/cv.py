@@ -35,14 +35,15 @@ import numpy as np
 
 from brainage_bids.io import atomic_write_text
 from brainage_bids.metrics import bias_report
-from brainage_bids.model.train import (
+from brainage_bids.model.train import train_model
+from brainage_bids.model.train_config import (
     MIN_TRAIN,
     MIN_VAL,
     TrainConfig,
     TrainItem,
     split_stratified,
-    train_model,
 )
+from brainage_bids.model.train_record import json_safe
 
 LOGGER = logging.getLogger(__name__)
 #: Columns of ``<name>_oof.tsv`` (one row per image; ``member_predictions`` comma-separated).
@@ -299,8 +300,6 @@ def _ensemble_card(config: TrainConfig, plans: Sequence[MemberPlan],
                    member_cards: Sequence[dict[str, Any]], summary: dict[str, Any],
                    card_extra: dict[str, Any], folds: int, seeds_per_fold: int,
                    oof_file: str) -> dict[str, Any]:
-    from brainage_bids.model.train import _json_safe
-
     first = member_cards[0]
     all_items = {i.id: i for p in plans for i in (*p.train, *p.val)}
     ages = [float(i.age) for i in all_items.values()]
@@ -336,7 +335,7 @@ def _ensemble_card(config: TrainConfig, plans: Sequence[MemberPlan],
                   "mae_without_flip_tta": summary["mae_without_tta"],
                   "mae_with_flip_tta": summary["mae_with_tta"]}
     extra = {k: v for k, v in card_extra.items() if k != "training_data"}
-    return _json_safe({
+    return json_safe({
         "name": config.model_name, "card_version": 2,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "input": first["input"],
