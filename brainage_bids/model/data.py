@@ -33,20 +33,37 @@ LOGGER = logging.getLogger(__name__)
 
 CACHE_DTYPES = ("float16", "float32")
 
+
+# The pieces both augmentation versions are built from, each written once; functions, so
+# that the two dicts share no mutable objects.
+def _affine(prob: float, rotate_range_deg: float, scale_range: float) -> dict[str, Any]:
+    return {"transform": "monai.transforms.RandAffine", "prob": prob,
+            "rotate_range_deg": rotate_range_deg, "scale_range": scale_range,
+            "mode": "bilinear", "padding_mode": "zeros"}
+
+
+def _shift() -> dict[str, Any]:
+    return {"transform": "monai.transforms.BorderPad + RandSpatialCrop", "max_voxels": 3,
+            "padding": "zeros"}
+
+
+def _flip() -> dict[str, Any]:
+    return {"transform": "monai.transforms.RandFlip", "prob": 0.5, "spatial_axis": 0,
+            "note": "left-right"}
+
+
+_SEEDING = "numpy SeedSequence([seed, epoch, item index]) per sample and transform"
+
 #: The first model's augmentation (``ixi-2mm-v1``), kept so that its card still describes
 #: something this code can run.
 AUGMENTATION_V1: dict[str, Any] = {
     "order": ["affine", "shift", "flip", "intensity_scale"],
-    "affine": {"transform": "monai.transforms.RandAffine", "prob": 0.3,
-               "rotate_range_deg": 3.0, "scale_range": 0.03, "mode": "bilinear",
-               "padding_mode": "zeros"},
-    "shift": {"transform": "monai.transforms.BorderPad + RandSpatialCrop",
-              "max_voxels": 3, "padding": "zeros"},
-    "flip": {"transform": "monai.transforms.RandFlip", "prob": 0.5, "spatial_axis": 0,
-             "note": "left-right"},
+    "affine": _affine(0.3, 3.0, 0.03),
+    "shift": _shift(),
+    "flip": _flip(),
     "intensity_scale": {"transform": "monai.transforms.RandScaleIntensity", "prob": 1.0,
                         "factors": 0.1, "note": "v * (1 + f), f ~ U(-0.1, 0.1)"},
-    "seeding": "numpy SeedSequence([seed, epoch, item index]) per sample and transform",
+    "seeding": _SEEDING,
 }
 
 #: The default augmentation, recorded verbatim in model cards. It targets what differs
@@ -63,13 +80,9 @@ AUGMENTATION: dict[str, Any] = {
     "version": 2,
     "order": ["affine", "shift", "flip", "mask", "low_resolution", "blur", "bias_field",
               "gamma", "histogram_shift", "noise", "renormalise"],
-    "affine": {"transform": "monai.transforms.RandAffine", "prob": 0.5,
-               "rotate_range_deg": 8.0, "scale_range": 0.05, "mode": "bilinear",
-               "padding_mode": "zeros"},
-    "shift": {"transform": "monai.transforms.BorderPad + RandSpatialCrop",
-              "max_voxels": 3, "padding": "zeros"},
-    "flip": {"transform": "monai.transforms.RandFlip", "prob": 0.5, "spatial_axis": 0,
-             "note": "left-right"},
+    "affine": _affine(0.5, 8.0, 0.05),
+    "shift": _shift(),
+    "flip": _flip(),
     "mask": {"note": "the brain mask is the non-zero voxels after the spatial transforms"},
     "low_resolution": {"transform": "monai.transforms.RandSimulateLowResolution", "prob": 0.15,
                        "zoom_range": [0.6, 1.0]},
@@ -84,7 +97,7 @@ AUGMENTATION: dict[str, Any] = {
     "noise": {"transform": "monai.transforms.RandGaussianNoise", "prob": 0.2,
               "std": 0.1, "note": "in units of the within-brain SD"},
     "renormalise": {"note": "mask, then the prediction-time robust z-score inside the mask"},
-    "seeding": "numpy SeedSequence([seed, epoch, item index]) per sample and transform",
+    "seeding": _SEEDING,
 }
 
 
