@@ -188,6 +188,11 @@ def _held_out_predictions(plans: Sequence[MemberPlan], members: Sequence[Any],
         for fold, indices in by_fold.items():
             fold_model = BrainAgeEnsemble([members[i] for i in indices])
             for item in plans[indices[0]].val:
+                # From the NIfTI, not the members' volume cache: that cache is float16 by
+                # default (cache_dtype), which moves these predictions by ~1e-5 years and so
+                # the card's OOF metrics and fits, and the float32 NIfTI is what the
+                # participant level reads. One read is cheap next to the MC-dropout and
+                # flip passes of every member of the fold that follow.
                 volume = read_volume(item.image, item.mask, config.input_shape)
                 views = {tta: predict_brain_age(fold_model, volume, mc_samples=mc_samples,
                                                 seed=config.seed, flip_tta=tta)
