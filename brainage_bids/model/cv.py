@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ from brainage_bids.model.train_config import (
     MIN_VAL,
     TrainConfig,
     TrainItem,
+    group_items,
     split_stratified,
 )
 from brainage_bids.model.train_record import json_safe
@@ -62,15 +62,6 @@ class MemberPlan:
     val: tuple[TrainItem, ...]
 
 
-def _groups(items: Sequence[TrainItem]) -> dict[str, list[TrainItem]]:
-    groups: dict[str, list[TrainItem]] = {}
-    for item in items:
-        if not math.isfinite(float(item.age)):
-            raise ValueError(f"item {item.id!r} has no valid age ({item.age!r})")
-        groups.setdefault(item.group or item.id, []).append(item)
-    return groups
-
-
 def split_kfold(items: Sequence[TrainItem], folds: int, seed: int) -> dict[str, int]:
     """Fold of every group (participant): age-stratified, seeded, groups never split.
 
@@ -78,7 +69,7 @@ def split_kfold(items: Sequence[TrainItem], folds: int, seed: int) -> dict[str, 
     seeded permutation deals each stratum's groups to the folds, so every fold spans the
     age range and fold sizes differ by at most one. Independent of the order of ``items``.
     """
-    groups = _groups(items)
+    groups = group_items(items)
     if folds < 2:
         raise ValueError(f"folds must be at least 2, got {folds}")
     if len(groups) < folds * MIN_VAL:

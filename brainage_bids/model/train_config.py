@@ -160,6 +160,19 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------- splitting
 
+def group_items(items: Sequence[TrainItem]) -> dict[str, list[TrainItem]]:
+    """Items by group (an item without one is its own), for splits that stratify by age.
+
+    Raises ``ValueError`` for an item without a finite age.
+    """
+    groups: dict[str, list[TrainItem]] = {}
+    for item in items:
+        if not math.isfinite(float(item.age)):
+            raise ValueError(f"item {item.id!r} has no valid age ({item.age!r})")
+        groups.setdefault(item.group or item.id, []).append(item)
+    return groups
+
+
 def split_stratified(items: Sequence[TrainItem], val_fraction: float,
                      seed: int) -> tuple[list[TrainItem], list[TrainItem]]:
     """Age-stratified, seeded train/validation split (groups never straddle the split).
@@ -171,11 +184,7 @@ def split_stratified(items: Sequence[TrainItem], val_fraction: float,
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-    groups: dict[str, list[TrainItem]] = {}
-    for item in items:
-        if not math.isfinite(float(item.age)):
-            raise ValueError(f"item {item.id!r} has no valid age ({item.age!r})")
-        groups.setdefault(item.group or item.id, []).append(item)
+    groups = group_items(items)
     if len(groups) < 2:
         raise ValueError(f"need at least 2 participants to split, got {len(groups)}")
     ordered = sorted(groups, key=lambda g: (float(np.mean([i.age for i in groups[g]])), g))
