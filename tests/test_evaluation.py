@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from brainage_bids import evaluation as ev
 from brainage_bids.interfaces.model import _uncertainty
@@ -126,3 +127,34 @@ def test_ablation_summary_gives_mean_and_spread_over_seeds():
     assert rows[1]["mae_sd"] is None
     text = ablation.table(rows)
     assert "6.00 ± 1.41" in text and "SFCN (Peng et al. 2021)" in text
+
+
+def test_ship_model_float16_halves_the_file_and_loads_back(tmp_path):
+    from brainage_bids.model.net import BrainAgeNet
+    from brainage_bids.model.weights import load_model, save_model
+
+    torch.manual_seed(0)
+    model = BrainAgeNet(attention_kernel=3).eval()
+    trained = save_model(model, tmp_path / "trained" / "m.safetensors",
+                         {"name": "m", "training": {"n_train": 4, "n_val": 2,
+                                                    "age_range": [20.0, 70.0]}})
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    registry = shipped / "registry.json"
+    registry.write_text(json.dumps({"schema_version": 1, "default": None, "models": []}))
+    ship = _script("ship_model")
+    assert ship.main([str(tmp_path / "trained" / "m.json"), "--registry", str(registry),
+                      "--float16", "--default"]) == 0
+
+    card = json.loads((shipped / "m.json").read_text())
+    assert card["storage_dtype"] == "float16"
+    assert card["trained_sha256"] == trained["sha256"]
+    assert card["sha256"] != trained["sha256"]
+    assert card["training_data"]["licence"].startswith("CC BY-SA 3.0")
+    size = (shipped / "m.safetensors").stat().st_size
+    assert size < 0.55 * (tmp_path / "trained" / "m.safetensors").stat().st_size
+    loaded, _ = load_model("default", registry_file=registry)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert abs(loaded(x).item() - model(x).item()) < 0.05
