@@ -16,7 +16,9 @@ Finished runs are skipped and interrupted ones resume, so the command can be rer
     python evaluation/finetune_study.py --derivatives /work/runs/ixi2 --out /work/runs/ft \\
         --threads 2 --json docs/evaluation/finetune.json
 
-On a GPU add ``--device cuda``. Prints one table (mean +- SD over the repeats).
+On a GPU add ``--device cuda``. Prints one table (mean +- SD over the repeats). The JSON is
+rewritten after every run and finished runs are not repeated, so with the JSON and the parent
+(``--parent``, e.g. a committed copy) the study continues on another machine or session.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from brainage_bids import evaluation as ev
+from brainage_bids.io import sha256_file
 from brainage_bids.metrics import regression_metrics
 from brainage_bids.model.ensemble import members_of
 from brainage_bids.model.train import TrainConfig, TrainItem, split_stratified, train_model
-from brainage_bids.model.weights import load_model
+from brainage_bids.model.weights import load_model, read_card, resolve_model
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -87,6 +90,18 @@ def _score(path: Path, test: list[ev.EvalItem], args: argparse.Namespace) -> dic
             card["training"]["best_epoch"], "wall_time_s": card["training"]["wall_time_s"]}
 
 
+def _table(rows: dict[str, list[dict]]) -> str:
+    lines = ["| model | n | test MAE (mean +- SD) | test r | minutes per run |",
+             "|---|---|---|---|---|"]
+    for name, runs in rows.items():
+        mae = np.array([r["mae"] for r in runs])
+        spread = mae.std(ddof=1) if len(mae) > 1 else 0.0
+        lines.append(f"| {name} | {len(runs)} | {mae.mean():.2f} +- {spread:.2f} | "
+                     f"{np.mean([r['r'] for r in runs]):.3f} | "
+                     f"{np.mean([r['wall_time_s'] for r in runs]) / 60:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--derivatives", type=Path, required=True)
@@ -94,13 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bids", type=Path, default=DEFAULT_BIDS)
     parser.add_argument("--split", type=Path, default=HERE / "ixi_split.json")
     parser.add_argument("--parent-n", type=int, default=60)
+    parser.add_argument("--parent", type=Path,
+                        help="an already trained parent (its card must name the same "
+                             "participants); default: train it under --out")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 20, 40])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--freeze-trunk", action="store_true")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, required=True,
+                        help="results; rewritten after every run, and the runs it already "
+                             "holds are not run again (the study resumes across machines "
+                             "from this file and the parent alone)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -108,30 +129,64 @@ def main(argv: list[str] | None = None) -> int:
     trainval = _items(args.derivatives, args.bids, split["trainval"])
     test = ev.preprocessed_items(args.derivatives, args.bids, split["test"])
     others, parent_items = split_stratified(trainval, args.parent_n / len(trainval), args.seed)
-    parent = _train("ft-parent", parent_items, args, SCRATCH)
-    rows: dict[str, list[dict]] = {"parent alone": [_score(parent, test, args)]}
+    # What the numbers depend on; where things are and how fast they run are left out.
+    design = {k: v for k, v in vars(args).items()
+              if k not in ("json", "parent", "out", "device", "threads", "derivatives", "bids",
+                           "split")}
+    design["split_sha256"] = sha256_file(args.split)
+    done: dict[str, dict] = {}
+    if args.json.is_file():
+        previous = json.loads(args.json.read_text())
+        if previous.get("design") != design:
+            print(f"finetune_study: {args.json} holds another design; use another --json",
+                  file=sys.stderr)
+            return 2
+        done = previous.get("runs", {})
+
+    def record(name: str, result: dict) -> None:
+        done[name] = result
+        ev.write_json(args.json, {"design": design, "runs": done,
+                                  "rows": _rows(done, args)})
+
+    parent = args.parent or _train("ft-parent", parent_items, args, SCRATCH)
+    parent_card = read_card(resolve_model(parent)[0])
+    if sorted(parent_card["training_data"]["train_ids"]
+              + parent_card["training_data"]["validation_ids"]) != \
+            sorted(i.id for i in parent_items):
+        print(f"finetune_study: {parent} was not trained on this design's parent set",
+              file=sys.stderr)
+        return 2
+    if "ft-parent" not in done:
+        record("ft-parent", {**_score(Path(parent), test, args),
+                             "sha256": parent_card["sha256"]})
     parent_spec = (str(parent), {})
-    for size in args.sizes:
-        for repeat in range(args.repeats):
-            subset = _subset(others, size, args.seed + 1000 * size + repeat)
-            tag = f"n{size}-r{repeat}"
-            fine = _train(f"ft-fine-{tag}", subset, args, FINETUNE, parent=parent_spec)
-            scratch = _train(f"ft-scratch-{tag}", subset, args, SCRATCH)
-            for kind, path in (("fine-tuned", fine), ("from scratch", scratch)):
-                rows.setdefault(f"{kind}, {size}", []).append(
-                    {**_score(path, test, args), "subset": [i.id for i in subset]})
-    print("| model | n | test MAE (mean +- SD) | test r | minutes per run |")
-    print("|---|---|---|---|---|")
-    for name, runs in rows.items():
-        mae = np.array([r["mae"] for r in runs])
-        spread = mae.std(ddof=1) if len(mae) > 1 else 0.0
-        print(f"| {name} | {len(runs)} | {mae.mean():.2f} +- {spread:.2f} | "
-              f"{np.mean([r['r'] for r in runs]):.3f} | "
-              f"{np.mean([r['wall_time_s'] for r in runs]) / 60:.1f} |")
-    if args.json:
-        ev.write_json(args.json, {"design": {k: v for k, v in vars(args).items()
-                                             if k not in ("json",)}, "rows": rows})
+    # Cheap runs first: every fine-tune, then training from scratch, smallest subsets first.
+    for kind, recipe in (("fine", FINETUNE), ("scratch", SCRATCH)):
+        for size in args.sizes:
+            for repeat in range(args.repeats):
+                name = f"ft-{kind}-n{size}-r{repeat}"
+                if name in done:
+                    continue
+                subset = _subset(others, size, args.seed + 1000 * size + repeat)
+                path = _train(name, subset, args, recipe,
+                              parent=parent_spec if kind == "fine" else None)
+                record(name, {**_score(path, test, args), "subset": [i.id for i in subset]})
+    print(_table(_rows(done, args)))
     return 0
+
+
+def _rows(done: dict[str, dict], args: argparse.Namespace) -> dict[str, list[dict]]:
+    """The finished runs grouped into the table's rows."""
+    rows: dict[str, list[dict]] = {}
+    if "ft-parent" in done:
+        rows["parent alone"] = [done["ft-parent"]]
+    for kind, label in (("fine", "fine-tuned"), ("scratch", "from scratch")):
+        for size in args.sizes:
+            runs = [done[f"ft-{kind}-n{size}-r{r}"] for r in range(args.repeats)
+                    if f"ft-{kind}-n{size}-r{r}" in done]
+            if runs:
+                rows[f"{label}, {size}"] = runs
+    return rows
 
 
 if __name__ == "__main__":
