@@ -139,7 +139,7 @@ def test_unsupported_data_type(tmp_path):
         load_valid_t1w(path)
 
 
-def _special_files(folder: Path) -> dict[str, tuple[Path, str]]:
+def special_files(folder: Path) -> dict[str, tuple[Path, str]]:
     folder.mkdir(parents=True, exist_ok=True)
     dangling = folder / "dangling_T1w.nii.gz"
     dangling.symlink_to(folder / "gone.nii.gz")
@@ -167,7 +167,7 @@ def _special_files(folder: Path) -> dict[str, tuple[Path, str]]:
 
 
 def test_path_problems_are_named_without_reading(tmp_path):
-    cases = _special_files(tmp_path)
+    cases = special_files(tmp_path)
     for case, (path, reason) in cases.items():
         problem = path_problem(path)
         assert problem is not None and reason in problem, (case, problem)
@@ -193,7 +193,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
 
 
 def test_screen_images_keeps_order_and_gives_reasons(tmp_path):
-    cases = _special_files(tmp_path)
+    cases = special_files(tmp_path)
     images = [T1wImage(path=HEAD, entities={"subject": "good"})]
     images += [T1wImage(path=path, entities={"subject": case})
                for case, (path, _) in cases.items()]

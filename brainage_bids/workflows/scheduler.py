@@ -12,6 +12,11 @@ single-threaded phases leave idle instead of forming a serial tail at the end.
 Each image's workflow keeps the base directory and name it had inside the old combined
 graph (``WORK_DIR/brainage_wf/t1w_<image>_wf``), so nipype's cache is shared with earlier
 runs and a rerun with the same work directory redoes nothing that finished.
+
+Failures stay with their image: an image whose workflow fails has its partial derivatives
+removed by its worker (its record is written last, so a record means a complete image), and
+a stop signal (:mod:`brainage_bids.interruption`) ends every worker process at once and
+removes the half-written outputs of the images in flight (``on_abort``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from brainage_bids.bids import T1wImage
+from brainage_bids.interruption import ignore_interrupts, terminate
 
 LOG = logging.getLogger(__name__)
 
@@ -49,6 +55,10 @@ class ImageJob:
     work_dir: Path
     crash_dir: Path
     log_level: str = "WARNING"
+    #: The run's log file, where nipype's messages go (``None``: nowhere but the terminal).
+    log_file: Path | None = None
+    #: Whether nipype's messages also reach the terminal (``-vv``).
+    nipype_to_terminal: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,11 +112,22 @@ def image_workers(*, nprocs: int, omp_nthreads: int, mem_gb: float | None = None
 
 
 def run_image_job(job: ImageJob) -> ImageResult:
-    """Build and run one image's workflow in this (worker) process; never raises."""
-    from brainage_bids.workflows.execution import collect_failures, run_workflow
+    """Build and run one image's workflow in this (worker) process; never raises.
+
+    On failure the image's partial derivatives are removed, so nothing of it looks complete.
+    """
+    from brainage_bids.workflows.execution import (
+        collect_failures,
+        error_line,
+        plain_error,
+        route_nipype_logging,
+        run_workflow,
+    )
+    from brainage_bids.workflows.outputs import remove_image_outputs
     from brainage_bids.workflows.participant import init_single_t1w_wf
 
-    _quiet_nipype(job.log_level)
+    route_nipype_logging(job.log_level, log_file=job.log_file,
+                         terminal=job.nipype_to_terminal)
     started = time.time()
     clock = time.monotonic()
     try:
@@ -114,30 +135,34 @@ def run_image_job(job: ImageJob) -> ImageResult:
         workflow.base_dir = str(job.work_dir / BASE_NAME)
         ok = run_workflow(workflow, crash_dir=job.crash_dir, nprocs=1,
                           log_level=job.log_level)
-    except Exception as err:  # building the workflow failed: report it as this image's
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return ImageResult(job.image, False, time.monotonic() - clock, message)
+        error = crash = None
+        if not ok:
+            failures = collect_failures(job.crash_dir, since=started)
+            found = crash_file_of(job.crash_dir, job.image.node_name, since=started)
+            error = failures.get(job.image.node_name) or "the workflow failed"
+            crash = None if found is None else str(found)
+    except Exception as err:  # building the workflow failed, or nipype could not even
+        # write its crash file (a full disk): the error being reported comes first
+        cause = err.__context__ if isinstance(err, OSError) and err.__context__ else err
+        error = (error_line(str(cause)) if cause is not err
+                 else plain_error(str(err).splitlines()[0] if str(err) else type(err).__name__))
+        ok, crash = False, None
     if ok:
         return ImageResult(job.image, True, time.monotonic() - clock)
-    failures = collect_failures(job.crash_dir, since=started)
-    crash = crash_file_of(job.crash_dir, job.image.node_name, since=started)
-    return ImageResult(job.image, False, time.monotonic() - clock,
-                       failures.get(job.image.node_name) or "the workflow failed",
-                       None if crash is None else str(crash))
+    output_dir = job.workflow_args.get("output_dir")
+    if output_dir is not None:
+        remove_image_outputs(Path(output_dir), job.image.entities)
+    return ImageResult(job.image, False, time.monotonic() - clock, error, crash)
 
 
-def _quiet_nipype(level: str) -> None:
-    """Worker processes start with nipype's INFO logging: use the run's level instead."""
-    from nipype import config as nipype_config
-    from nipype import logging as nipype_logging
-
-    for key in ("workflow_level", "interface_level", "utils_level"):
-        nipype_config.set("logging", key, level)
-    nipype_logging.update_logging(nipype_config)
+def _image_worker() -> None:
+    """Initializer of image processes: Ctrl-C is for the main process to handle."""
+    ignore_interrupts()
 
 
 def _lower_priority() -> None:
     """Initializer of report processes (reports must not slow the images down)."""
+    ignore_interrupts()
     with contextlib.suppress(OSError):  # not permitted here: run at normal priority
         os.nice(REPORT_NICENESS)
 
@@ -148,53 +173,82 @@ def _context():
     return multiprocessing.get_context("forkserver")
 
 
+def _worker_pids(pool: ProcessPoolExecutor | None) -> list[int]:
+    """The pool's worker processes (``terminate_workers`` only arrives in Python 3.14)."""
+    processes = getattr(pool, "_processes", None) or {}
+    return [int(pid) for pid in processes]
+
+
 def run_images(jobs: Sequence[ImageJob], *, workers: int,
                on_image: Callable[[ImageResult], None],
                render: Callable[[ReportJob], Any] | None = None,
                report_workers: int = 1,
-               on_report: Callable[[ReportJob, Future], None] | None = None) -> None:
+               on_report: Callable[[ReportJob, Future], None] | None = None,
+               failed: Sequence[ImageResult] = (),
+               on_abort: Callable[[list[T1wImage], list[ReportJob]], None] | None = None,
+               ) -> None:
     """Run ``jobs`` on ``workers`` processes in order; render reports as subjects complete.
 
     ``on_image`` is called in the main process as each image finishes (in finishing order);
-    ``render`` (a picklable function of a :class:`ReportJob`) runs in a report process once
-    every image of a participant has finished, and ``on_report`` sees its future.
+    ``failed`` are images that failed before any job was made (a FIFO, a dangling link):
+    they are reported first and count for their participant's report. ``render`` (a
+    picklable function of a :class:`ReportJob`) runs in a report process once every image of
+    a participant has finished, and ``on_report`` sees its future.
+
+    If the run is stopped (a signal, or any error in the main process), every worker process
+    is ended at once, and ``on_abort`` gets the images and reports that were in flight.
     """
     remaining: dict[str, int] = {}
     by_subject: dict[str, list[T1wImage]] = {}
-    for job in jobs:
-        remaining[job.image.subject] = remaining.get(job.image.subject, 0) + 1
-        by_subject.setdefault(job.image.subject, []).append(job.image)
+    for image in [*(result.image for result in failed), *(job.image for job in jobs)]:
+        remaining[image.subject] = remaining.get(image.subject, 0) + 1
+        by_subject.setdefault(image.subject, []).append(image)
     failures: dict[str, dict[str, str]] = {}
     crashes: dict[str, dict[str, str]] = {}
-    images = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_context())
+    images = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_context(),
+                                 initializer=_image_worker)
     reports = (ProcessPoolExecutor(max_workers=max(1, report_workers), mp_context=_context(),
                                    initializer=_lower_priority) if render else None)
     report_futures: dict[Future, ReportJob] = {}
+    submitted: dict[Future, ImageJob] = {}
+
+    def finished(result: ImageResult) -> None:
+        on_image(result)
+        subject = result.image.subject
+        if result.error is not None:
+            failures.setdefault(subject, {})[result.image.node_name] = result.error
+        if result.crash_file is not None:
+            crashes.setdefault(subject, {})[result.image.node_name] = result.crash_file
+        remaining[subject] -= 1
+        if remaining[subject] == 0 and reports is not None:
+            report = ReportJob(subject, by_subject[subject], failures.get(subject, {}),
+                               crashes.get(subject, {}))
+            report_futures[reports.submit(render, report)] = report
+
     try:
-        pending = {images.submit(run_image_job, job) for job in jobs}
+        for result in failed:
+            finished(result)
+        submitted = {images.submit(run_image_job, job): job for job in jobs}
+        pending = set(submitted)
         while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                result = future.result()
-                on_image(result)
-                subject = result.image.subject
-                if result.error is not None:
-                    failures.setdefault(subject, {})[result.image.node_name] = result.error
-                if result.crash_file is not None:
-                    crashes.setdefault(subject, {})[result.image.node_name] = result.crash_file
-                remaining[subject] -= 1
-                if remaining[subject] == 0 and reports is not None:
-                    report = ReportJob(subject, by_subject[subject], failures.get(subject, {}),
-                                       crashes.get(subject, {}))
-                    report_futures[reports.submit(render, report)] = report
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                finished(future.result())
         for future in report_futures:
             future.exception()  # wait; the callback reports any failure
             if on_report is not None:
                 on_report(report_futures[future], future)
     except BaseException:
+        in_flight = [job.image for future, job in submitted.items() if future.running()]
+        reports_in_flight = [job for future, job in report_futures.items()
+                             if not future.done()]
+        # end the workers first: shutdown() alone would wait for the images in flight
+        terminate([*_worker_pids(images), *_worker_pids(reports)])
         images.shutdown(wait=False, cancel_futures=True)
         if reports is not None:
             reports.shutdown(wait=False, cancel_futures=True)
+        if on_abort is not None:
+            on_abort(in_flight, reports_in_flight)
         raise
     images.shutdown()
     if reports is not None:
