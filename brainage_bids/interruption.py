@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator
 
@@ -45,8 +46,12 @@ def stop_on_signals() -> Iterator[None]:
     """Raise :class:`Interrupted` in the main thread on SIGINT or SIGTERM, once.
 
     A second signal while the run is being stopped is ignored (stopping takes at most a few
-    seconds). The previous handlers are restored on exit.
+    seconds). The previous handlers are restored on exit. Outside the main thread (where
+    Python allows no signal handler) nothing is installed.
     """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     received: list[int] = []
 
     def handler(signum: int, frame) -> None:

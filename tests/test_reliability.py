@@ -118,6 +118,27 @@ def test_terminate_ends_a_process_tree(tmp_path):
             proc.kill()
 
 
+class _DiesWhenUnpickled:
+    """Kills the worker process that receives it: what the system's OOM killer does."""
+
+    def __reduce__(self):
+        return (os._exit, (9,))
+
+
+def test_a_worker_killed_by_the_system_is_one_clear_error(tmp_path):
+    from brainage_bids.bids import T1wImage
+    from brainage_bids.workflows.scheduler import ImageJob, WorkerDied, run_images
+
+    job = ImageJob(image=T1wImage(path=SAMPLE, entities={"subject": "x"}),
+                   workflow_args={"poison": _DiesWhenUnpickled()}, work_dir=tmp_path,
+                   crash_dir=tmp_path)
+    aborted = []
+    with pytest.raises(WorkerDied, match=r"while running sub-x .*out of memory\?"):
+        run_images([job], workers=1, on_image=aborted.append,
+                   on_abort=lambda images, reports: aborted.append(images))
+    assert aborted == [[job.image]]  # its partial outputs are cleaned up
+
+
 def _start(args: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "NIPYPE_NO_ET": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "brainage_bids", *args], env=env,

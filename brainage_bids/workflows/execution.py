@@ -117,18 +117,27 @@ def run_workflow(workflow: pe.Workflow, *, crash_dir: Path, nprocs: int,
     return True
 
 
-def collect_failures(crash_dir: Path, *, since: float) -> dict[str, str]:
-    """``{image node name: error line}`` from the nipype crash files written since ``since``."""
-    failures: dict[str, str] = {}
-    for crash in sorted(crash_dir.glob("crash-*.txt"), key=lambda p: p.stat().st_mtime):
+def collect_crashes(crash_dir: Path, *, since: float) -> dict[str, tuple[str, Path]]:
+    """``{image node name: (error line, crash file)}`` of the crash files since ``since``.
+
+    For each image the first crash is kept: it is the cause, and later ones are usually its
+    consequences (every other sink failing on the same full disk).
+    """
+    crashes: dict[str, tuple[str, Path]] = {}
+    for crash in sorted(crash_dir.glob("crash-*.txt"), key=lambda p: p.stat().st_mtime_ns):
         if crash.stat().st_mtime < since - 1:
             continue
         text = crash.read_text(errors="replace")
         node = re.search(r"^Node: (\S+)", text, flags=re.MULTILINE)
         match = _IMAGE_WF.search(node.group(1) if node else crash.name)
         key = match.group("image") if match else "*"
-        failures.setdefault(key, error_line(text))
-    return failures
+        crashes.setdefault(key, (error_line(text), crash))
+    return crashes
+
+
+def collect_failures(crash_dir: Path, *, since: float) -> dict[str, str]:
+    """``{image node name: error line}`` from the nipype crash files written since ``since``."""
+    return {key: error for key, (error, _) in collect_crashes(crash_dir, since=since).items()}
 
 
 _ERRNO = re.compile(r"^\[Errno (?P<code>\d+)\] (?P<text>[^:]+?)(?:: '(?P<path>.*)')?$")

@@ -25,10 +25,10 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,10 @@ BASE_NAME = "brainage_wf"
 REPORT_NICENESS = 5
 #: Memory one image's workflow needs at 2 mm with the ANTs backend (docs/hpc.md), in GB.
 IMAGE_MEM_GB = 1.5
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended without a result (the system killed it): the pool is lost."""
 
 
 @dataclass(frozen=True)
@@ -86,22 +90,6 @@ class ReportJob:
     crashes: dict[str, str] = field(default_factory=dict)
 
 
-_NODE = re.compile(r"^Node: \S*?\bt1w_(?P<image>[A-Za-z0-9_]+?)_wf\b", re.MULTILINE)
-
-
-def crash_file_of(crash_dir: Path, node_name: str, *, since: float) -> Path | None:
-    """The newest crash file written since ``since`` by a step of image ``node_name``."""
-    newest: tuple[float, Path] | None = None
-    for crash in crash_dir.glob("crash-*.txt"):
-        mtime = crash.stat().st_mtime
-        if mtime < since - 1 or (newest and mtime <= newest[0]):
-            continue
-        match = _NODE.search(crash.read_text(errors="replace")[:4096])
-        if match and match.group("image") == node_name:
-            newest = (mtime, crash)
-    return newest[1] if newest else None
-
-
 def image_workers(*, nprocs: int, omp_nthreads: int, mem_gb: float | None = None) -> int:
     """How many images run at once: ``--nprocs`` is the CPU budget, each image takes
     ``--omp-nthreads`` of it (as MultiProc counted it), and ``--mem-gb`` bounds it too."""
@@ -117,7 +105,7 @@ def run_image_job(job: ImageJob) -> ImageResult:
     On failure the image's partial derivatives are removed, so nothing of it looks complete.
     """
     from brainage_bids.workflows.execution import (
-        collect_failures,
+        collect_crashes,
         error_line,
         plain_error,
         route_nipype_logging,
@@ -137,10 +125,9 @@ def run_image_job(job: ImageJob) -> ImageResult:
                           log_level=job.log_level)
         error = crash = None
         if not ok:
-            failures = collect_failures(job.crash_dir, since=started)
-            found = crash_file_of(job.crash_dir, job.image.node_name, since=started)
-            error = failures.get(job.image.node_name) or "the workflow failed"
-            crash = None if found is None else str(found)
+            found = collect_crashes(job.crash_dir, since=started).get(job.image.node_name)
+            error, crash = ("the workflow failed", None) if found is None else (
+                found[0], str(found[1]))
     except Exception as err:  # building the workflow failed, or nipype could not even
         # write its crash file (a full disk): the error being reported comes first
         cause = err.__context__ if isinstance(err, OSError) and err.__context__ else err
@@ -233,13 +220,23 @@ def run_images(jobs: Sequence[ImageJob], *, workers: int,
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                finished(future.result())
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    raise WorkerDied(
+                        f"a worker process died while running {submitted[future].image.name} "
+                        "or another image in flight (killed by the system: out of memory?); "
+                        "rerun with the same -w, with fewer images at once (--nprocs, "
+                        "--mem-gb)") from None
+                finished(result)
         for future in report_futures:
             future.exception()  # wait; the callback reports any failure
             if on_report is not None:
                 on_report(report_futures[future], future)
     except BaseException:
-        in_flight = [job.image for future, job in submitted.items() if future.running()]
+        in_flight = [job.image for future, job in submitted.items() if future.running()
+                     or (future.done() and not future.cancelled()
+                         and isinstance(future.exception(), BrokenProcessPool))]
         reports_in_flight = [job for future, job in report_futures.items()
                              if not future.done()]
         # end the workers first: shutdown() alone would wait for the images in flight
