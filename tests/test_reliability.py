@@ -82,6 +82,40 @@ def test_crash_file_errors_read_as_one_plain_line():
     assert error_line(crash) == "no space left on device writing /o/r.json"
 
 
+def test_a_log_file_on_a_full_disk_says_so_once(tmp_path, capsys):
+    import logging
+
+    from brainage_bids.workflows.execution import QuietFileHandler
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    handler = QuietFileHandler(tmp_path / "run.log")
+    handler.stream = Full()
+    for n in range(3):
+        handler.emit(logging.LogRecord("x", logging.INFO, __file__, 0, f"line {n}", (), None))
+    err = capsys.readouterr().err
+    assert err == (f"brainage-bids: warning: cannot write the log {tmp_path / 'run.log'}: "
+                   "no space left on device\n")
+
+
+def test_the_nodes_own_error_is_reported_when_its_crash_file_cannot_be_written():
+    from brainage_bids.workflows.scheduler import _first_error
+
+    try:
+        try:
+            raise RuntimeError("Traceback:\nOutputError: no space left on device writing /o/x")
+        except RuntimeError:
+            raise OSError(errno.ENOSPC, "No space left on device") from None
+    except OSError as err:
+        # "from None" hides the cause in tracebacks, but the context is still there
+        assert error_line(str(_first_error(err))) == "no space left on device writing /o/x"
+
+
 def test_remove_image_outputs_takes_everything_of_the_image_only(tmp_path):
     entities = {"subject": "01", "session": "A"}
     other = {"subject": "01", "session": "A", "run": 2}

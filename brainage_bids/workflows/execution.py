@@ -29,13 +29,19 @@ class QuietFileHandler(logging.FileHandler):
     write; on a full disk that would bury the one line that says what happened.
     """
 
+    def __init__(self, filename: str | os.PathLike[str], *, announce: bool = True,
+                 delay: bool = False) -> None:
+        super().__init__(filename, delay=delay)
+        self._announce = announce
+        self._failed = False
+
     def handleError(self, record: logging.LogRecord) -> None:
         err = sys.exc_info()[1]
-        if not getattr(self, "_failed", False):
-            self._failed = True
+        if self._announce and not self._failed:
             reason = (WRITE_ERRORS.get(err.errno or -1) if isinstance(err, OSError) else None)
             print(f"brainage-bids: warning: cannot write the log {self.baseFilename}: "
                   f"{reason or err}", file=sys.stderr)
+        self._failed = True
 
 
 def route_nipype_logging(level: str, *, log_file: Path | None, terminal: bool) -> None:
@@ -57,7 +63,8 @@ def route_nipype_logging(level: str, *, log_file: Path | None, terminal: bool) -
                 and not isinstance(handler, logging.FileHandler) and not terminal):
             root.removeHandler(handler)
     if log_file is not None:
-        handler = QuietFileHandler(log_file, delay=True)
+        # silent: the run's own log handler (same file) says once that it cannot be written
+        handler = QuietFileHandler(log_file, delay=True, announce=False)
         handler.setFormatter(logging.Formatter(_NIPYPE_FORMAT))
         root.addHandler(handler)
     if not root.handlers:

@@ -129,8 +129,8 @@ def run_image_job(job: ImageJob) -> ImageResult:
             error, crash = ("the workflow failed", None) if found is None else (
                 found[0], str(found[1]))
     except Exception as err:  # building the workflow failed, or nipype could not even
-        # write its crash file (a full disk): the error being reported comes first
-        cause = err.__context__ if isinstance(err, OSError) and err.__context__ else err
+        # write its crash file (a full disk): then the node's own error is the one to report
+        cause = _first_error(err)
         error = (error_line(str(cause)) if cause is not err
                  else plain_error(str(err).splitlines()[0] if str(err) else type(err).__name__))
         ok, crash = False, None
@@ -140,6 +140,15 @@ def run_image_job(job: ImageJob) -> ImageResult:
     if output_dir is not None:
         remove_image_outputs(Path(output_dir), job.image.entities)
     return ImageResult(job.image, False, time.monotonic() - clock, error, crash)
+
+
+def _first_error(err: BaseException) -> BaseException:
+    """The exception that started a chain of errors raised while handling one another."""
+    seen = {id(err)}
+    while err.__context__ is not None and id(err.__context__) not in seen:
+        err = err.__context__
+        seen.add(id(err))
+    return err
 
 
 def _image_worker() -> None:
