@@ -123,7 +123,7 @@ def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Call
 
     bad_ages = [im for im in images if im.age_problem]
     if bad_ages:  # training on a silently shorter cohort would hide a typo in the ages
-        for image in bad_ages:
+        for image in bad_ages if len(bad_ages) > 1 else ():  # the error line names one
             LOG.error("%s: %s", image.name, image.age_problem)
         first = bad_ages[0]
         more = f" (and {len(bad_ages) - 1} more)" if len(bad_ages) > 1 else ""
