@@ -178,17 +178,19 @@ def test_path_problems_are_named_without_reading(tmp_path):
 
 
 def test_unreadable_file(tmp_path, monkeypatch):
-    # root reads any file whatever its mode, so the refusal is simulated at open()
     path = tmp_path / "locked_T1w.nii.gz"
     path.write_bytes(HEAD.read_bytes())
-    real_open = open
+    if os.geteuid() != 0:  # a real refusal (CI runs the suite as an ordinary user)
+        path.chmod(0)
+    else:  # root reads any file whatever its mode, so the refusal is simulated at open()
+        real_open = open
 
-    def refuse(file, *args, **kwargs):
-        if Path(file) == path:
-            raise PermissionError(13, "Permission denied", str(file))
-        return real_open(file, *args, **kwargs)
+        def refuse(file, *args, **kwargs):
+            if Path(file) == path:
+                raise PermissionError(13, "Permission denied", str(file))
+            return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr("builtins.open", refuse)
+        monkeypatch.setattr("builtins.open", refuse)
     assert path_problem(path) == "locked_T1w.nii.gz cannot be read: permission denied"
 
 
