@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ ENTITY_KEYS = {"subject": "sub", "session": "ses", "task": "task", "acquisition"
 OUTPUT_ENTITIES = ("space", "res", "desc", "from", "to", "mode")
 AGE_COLUMNS = ("age", "Age", "AGE", "age_years")
 MISSING = {"", "n/a", "na", "nan", "none", "null"}
+#: Valid ages in years (anything else is a typo or a unit mix-up: months, days).
+MIN_AGE, MAX_AGE = 0.0, 120.0
 
 
 class BIDSError(Exception):
@@ -39,6 +42,8 @@ class T1wImage:
     path: Path
     entities: dict[str, Any] = field(hash=False)
     age: float | None = None
+    #: Why participants.tsv/sessions.tsv gives no usable age (file, line, value), if so.
+    age_problem: str | None = None
 
     @property
     def subject(self) -> str:
@@ -77,8 +82,17 @@ def load_layout(bids_dir: Path, *, validate: bool = True, index_metadata: bool =
         raise BIDSError(f"pybids cannot index {bids_dir}: {err}") from None
 
 
+#: A number as BIDS writes one: digits with an optional point and exponent (not ``45,5``,
+#: not ``1_000``, not ``inf``; Python's ``float`` accepts the last two).
+_NUMBER = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$")
+
+
 def parse_age(value: Any, *, where: str) -> float | None:
-    """``None`` for a missing age (n/a, empty); a clear error for anything non-numeric."""
+    """``None`` for a missing age (n/a, empty); a clear error for anything else not an age.
+
+    An age is a number of years from :data:`MIN_AGE` to :data:`MAX_AGE`; the message names
+    ``where`` (file and line) and the value as written.
+    """
     if value is None:
         return None
     if isinstance(value, float) and math.isnan(value):
@@ -86,56 +100,151 @@ def parse_age(value: Any, *, where: str) -> float | None:
     text = str(value).strip()
     if text.lower() in MISSING:
         return None
-    try:
-        age = float(text)
-    except ValueError:
-        raise BIDSError(f"{where}: age {text!r} is not a number") from None
-    if not math.isfinite(age) or age < 0:
-        raise BIDSError(f"{where}: age {text!r} is not a valid age in years")
+    if not _NUMBER.match(text):
+        hint = (f" (write decimals with a point: {text.replace(',', '.')})"
+                if _NUMBER.match(text.replace(",", ".", 1)) else "")
+        raise BIDSError(f"{where}: age {text!r} is not a number{hint}")
+    age = float(text)
+    if not MIN_AGE <= age <= MAX_AGE:
+        raise BIDSError(f"{where}: age {text!r} is not a valid age in years (expected "
+                        f"{MIN_AGE:g} to {MAX_AGE:g}, or n/a when unknown)")
     return age
 
 
-def _read_tsv(path: Path) -> list[dict[str, str]]:
-    import csv
+@dataclass(frozen=True)
+class TSVTable:
+    """A BIDS TSV file: its column names and its rows, each with its line number."""
 
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        return list(csv.DictReader(fh, delimiter="\t"))
+    path: Path
+    columns: list[str]
+    rows: list[dict[str, str]]
+    lines: list[int]
 
 
-def _age_column(columns: list[str] | None) -> str | None:
+def read_tsv(path: Path, *, id_column: str | None = None) -> TSVTable:
+    """Read a BIDS TSV file, strictly, with every error naming the file and the line.
+
+    BIDS TSV rules: UTF-8, the first line names the columns, cells are separated by tabs and
+    are never quoted (a double quote is an ordinary character, so a stray one cannot swallow
+    the next row as it would with CSV quoting). Each row has as many cells as the header has
+    columns; blank lines are ignored. With ``id_column`` that column must exist and each
+    value appear once (two rows for one participant would give two ages).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = Path(path).read_bytes()[: err.start].count(b"\n") + 1
+        raise BIDSError(f"{path} line {line}: not UTF-8 text (BIDS TSV files are UTF-8)"
+                        ) from None
+    except OSError as err:
+        raise BIDSError(f"cannot read {path}: {err.strerror or err}") from None
+    lines = text.split("\n")
+    if not lines[0].strip("\r"):
+        raise BIDSError(f"{path} line 1: empty; the first line must name the columns")
+    columns = lines[0].rstrip("\r").split("\t")
+    seen = [c for i, c in enumerate(columns) if c in columns[:i]]
+    if seen:
+        raise BIDSError(f"{path} line 1: column {seen[0]!r} appears twice")
+    if id_column is not None and id_column not in columns:
+        raise BIDSError(f"{path} has no {id_column!r} column (line 1 names: "
+                        f"{', '.join(repr(c) for c in columns)}; cells are separated by tabs)")
+    rows, numbers = [], []
+    first_line: dict[str, int] = {}
+    for number, raw in enumerate(lines[1:], start=2):
+        line = raw.rstrip("\r")
+        if not line.strip():
+            continue
+        cells = line.split("\t")
+        if len(cells) != len(columns):
+            raise BIDSError(f"{path} line {number}: {len(cells)} cell(s), but line 1 names "
+                            f"{len(columns)} column(s) (cells are separated by tabs)")
+        row = dict(zip(columns, cells, strict=True))
+        if id_column is not None:
+            key = row[id_column].strip()
+            if not key:
+                raise BIDSError(f"{path} line {number}: empty {id_column}")
+            if key in first_line:
+                raise BIDSError(f"{path} lines {first_line[key]} and {number}: {id_column} "
+                                f"{key} appears twice (one row per {id_column} only)")
+            first_line[key] = number
+        rows.append(row)
+        numbers.append(number)
+    return TSVTable(Path(path), columns, rows, numbers)
+
+
+def _age_column(columns: list[str]) -> str | None:
     for name in AGE_COLUMNS:
-        if columns and name in columns:
+        if name in columns:
             return name
     return None
 
 
-def _ages_from_tsv(path: Path, id_column: str, prefix: str) -> dict[str, float | None]:
-    """``{label: age}`` from one TSV (labels without their ``sub-``/``ses-`` prefix)."""
-    rows = _read_tsv(path)
-    column = _age_column(list(rows[0]) if rows else None)
-    ages: dict[str, float | None] = {}
-    for line, row in enumerate(rows, start=2):
-        label = (row.get(id_column) or "").removeprefix(prefix)
-        if label and column:
-            ages[label] = parse_age(row.get(column), where=f"{path.name} line {line}")
-    return ages
+def _labels(table: TSVTable, id_column: str, prefix: str) -> dict[str, int]:
+    """``{label: row index}``, labels without their ``sub-``/``ses-`` prefix, checked unique."""
+    labels: dict[str, int] = {}
+    for index, row in enumerate(table.rows):
+        label = row[id_column].strip().removeprefix(prefix)
+        if label in labels:  # "sub-01" and "01" are the same participant
+            raise BIDSError(f"{table.path} lines {table.lines[labels[label]]} and "
+                            f"{table.lines[index]}: {id_column} {prefix}{label} appears twice")
+        labels[label] = index
+    return labels
+
+
+@dataclass
+class AgeTable:
+    """Ages by ``(subject, session)`` (session ``None``: participants.tsv), and the problems.
+
+    A bad age (not a number, outside 0-120) belongs to its participant or session alone: its
+    age is ``None`` and ``problems`` says why, naming the file, the line and the value, so
+    each level decides what to do with the participants it selected.
+    """
+
+    ages: dict[tuple[str, str | None], float | None] = field(default_factory=dict)
+    problems: dict[tuple[str, str | None], str] = field(default_factory=dict)
+
+    def _read(self, path: Path, id_column: str, prefix: str, subject: str | None) -> None:
+        table = read_tsv(path, id_column=id_column)
+        column = _age_column(table.columns)
+        for label, index in _labels(table, id_column, prefix).items():
+            key = (label, None) if subject is None else (subject, label)
+            if column is None:
+                continue
+            where = f"{path} line {table.lines[index]}"
+            try:
+                self.ages[key] = parse_age(table.rows[index][column], where=where)
+            except BIDSError as err:
+                self.ages[key] = None
+                self.problems[key] = str(err)
+
+    def age_of(self, subject: str, session: str | None) -> tuple[float | None, str | None]:
+        """``(age, problem)`` of one image: its session's age when sessions.tsv has one."""
+        if session is not None and (subject, session) in self.problems:
+            return None, self.problems[(subject, session)]
+        if session is not None and self.ages.get((subject, session)) is not None:
+            return self.ages[(subject, session)], None
+        return self.ages.get((subject, None)), self.problems.get((subject, None))
+
+
+def read_age_table(bids_dir: Path) -> AgeTable:
+    """Ages from participants.tsv and every ``sub-X/sub-X_sessions.tsv``.
+
+    Errors that make a file unusable (no id column, a row with the wrong number of cells, two
+    rows for one participant or session) raise :class:`BIDSError` naming the file and line;
+    a bad age is only recorded (:class:`AgeTable`).
+    """
+    table = AgeTable()
+    participants = bids_dir / "participants.tsv"
+    if participants.exists():
+        table._read(participants, "participant_id", "sub-", None)
+    for sessions in sorted(bids_dir.glob("sub-*/sub-*_sessions.tsv")):
+        table._read(sessions, "session_id", "ses-", sessions.parent.name.removeprefix("sub-"))
+    return table
 
 
 def read_ages(bids_dir: Path) -> dict[tuple[str, str | None], float | None]:
-    """Ages keyed by ``(subject, session)``; session ``None`` holds participants.tsv's age.
-
-    ``sessions.tsv`` ages (for longitudinal data) take precedence for their session.
-    """
-    ages: dict[tuple[str, str | None], float | None] = {}
-    participants = bids_dir / "participants.tsv"
-    if participants.is_file():
-        for sub, age in _ages_from_tsv(participants, "participant_id", "sub-").items():
-            ages[(sub, None)] = age
-    for sessions in sorted(bids_dir.glob("sub-*/sub-*_sessions.tsv")):
-        sub = sessions.parent.name.removeprefix("sub-")
-        for ses, age in _ages_from_tsv(sessions, "session_id", "ses-").items():
-            ages[(sub, ses)] = age
-    return ages
+    """Ages keyed by ``(subject, session)``; a bad age is ``None`` (see :class:`AgeTable`)."""
+    return read_age_table(bids_dir).ages
 
 
 def age_for(ages: dict[tuple[str, str | None], float | None], subject: str,
@@ -145,49 +254,103 @@ def age_for(ages: dict[tuple[str, str | None], float | None], subject: str,
     return ages.get((subject, None))
 
 
+#: A T1w file name, for entries pybids does not index (a directory named like an image).
+_T1W_NAME = re.compile(r"^sub-[A-Za-z0-9]+(?:_[A-Za-z]+-[A-Za-z0-9]+)*_T1w\.nii(?:\.gz)?$")
+
+
+def _unindexed_t1w(root: Path, indexed: set[str]) -> list[str]:
+    """T1w-named entries under ``sub-*/[ses-*/]anat/`` that pybids left out.
+
+    pybids indexes files only, so a directory (or a link to one) named ``sub-X_T1w.nii.gz``
+    would vanish from the run without a word; listing such entries here makes them fail
+    by name instead. Regular files that pybids rejected (an invalid name) stay out.
+    """
+    found = []
+    for anat in [*sorted(root.glob("sub-*/anat")), *sorted(root.glob("sub-*/ses-*/anat"))]:
+        try:
+            entries = sorted(os.scandir(anat), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if (_T1W_NAME.match(entry.name) and entry.path not in indexed
+                    and not entry.is_file(follow_symlinks=False)):
+                found.append(entry.path)
+    return found
+
+
+def _matches(entities: dict[str, Any], filters: dict[str, Any]) -> bool:
+    """Whether an unindexed entry matches the ``t1w`` filters of a filter file (plain values)."""
+    for key, want in filters.items():
+        if key in ("datatype", "suffix", "extension"):
+            continue
+        have = entities.get(key)
+        if want is None:
+            if have is not None:
+                return False
+        elif isinstance(want, list):
+            if str(have) not in {str(w) for w in want}:
+                return False
+        elif want != "*" and str(have) != str(want):
+            return False
+    return True
+
+
 def collect_t1w(layout, *, participant_label: tuple[str, ...] = (),
                 session_label: tuple[str, ...] = (),
                 filters: dict[str, Any] | None = None) -> list[T1wImage]:
-    """Every T1w image selected by labels and filters, each with its age when known."""
-    subjects = layout.get_subjects()
-    unknown = sorted(set(participant_label) - set(subjects))
+    """Every T1w image selected by labels and filters, each with its age when known.
+
+    An image whose age in participants.tsv (or sessions.tsv) is not valid gets age ``None``
+    and the problem in ``age_problem``; participants that are not selected are never read
+    for anything but the file's structure.
+    """
+    from bids.layout import parse_file_entities
+
+    root = Path(layout.root)
+    t1w_filters = (filters or {}).get("t1w", {})
+    query: dict[str, Any] = {"datatype": "anat", "suffix": "T1w",
+                             "extension": [".nii", ".nii.gz"], **t1w_filters}
+    everything = layout.get(return_type="filename", datatype="anat", suffix="T1w",
+                            extension=[".nii", ".nii.gz"])
+    unindexed = [(path, {k: v for k, v in parse_file_entities(path).items()
+                         if k in ENTITY_KEYS})
+                 for path in _unindexed_t1w(root, set(everything))]
+    subjects = set(layout.get_subjects()) | {str(e["subject"]) for _, e in unindexed}
+    unknown = sorted(set(participant_label) - subjects)
     if unknown:
         raise BIDSError("participant label(s) not found in the dataset: "
                         + ", ".join(f"sub-{s}" for s in unknown))
-    query: dict[str, Any] = {"datatype": "anat", "suffix": "T1w",
-                             "extension": [".nii", ".nii.gz"]}
-    query.update((filters or {}).get("t1w", {}))
     if participant_label:
         query["subject"] = list(participant_label)
     if session_label:
-        sessions = layout.get_sessions()
-        missing = sorted(set(session_label) - set(sessions))
+        sessions = set(layout.get_sessions()) | {str(e["session"]) for _, e in unindexed
+                                                 if "session" in e}
+        missing = sorted(set(session_label) - sessions)
         if missing:
             raise BIDSError("session label(s) not found in the dataset: "
                             + ", ".join(f"ses-{s}" for s in missing))
         query["session"] = list(session_label)
     # file names, not BIDSFile objects: reading each object's entities back from pybids'
     # database costs more than indexing the dataset; the names hold the same entities
-    files = layout.get(return_type="filename", **query)
+    files = {path: {k: v for k, v in parse_file_entities(path).items() if k in ENTITY_KEYS}
+             for path in layout.get(return_type="filename", **query)}
+    for path, entities in unindexed:
+        if ((not participant_label or str(entities["subject"]) in participant_label)
+                and (not session_label or str(entities.get("session")) in session_label)
+                and _matches(entities, t1w_filters)):
+            files[path] = entities
     if not files:
         who = (" for " + ", ".join(f"sub-{s}" for s in participant_label)
                if participant_label else "")
         raise BIDSError(f"no T1w images found{who} in {layout.root}")
-    ages = read_ages(Path(layout.root))
+    ages = read_age_table(root)
     images = []
-    from bids.layout import parse_file_entities
-
     for path in sorted(files):
-        entities = {k: v for k, v in parse_file_entities(path).items() if k in ENTITY_KEYS}
-        age = age_for(ages, str(entities["subject"]), entities.get("session"))
-        images.append(T1wImage(path=Path(path), entities=entities, age=age))
+        entities = files[path]
+        age, problem = ages.age_of(str(entities["subject"]), entities.get("session"))
+        images.append(T1wImage(path=Path(path), entities=entities, age=age,
+                               age_problem=problem))
     return images
-
-
-def participants_table(bids_dir: Path) -> list[dict[str, str]]:
-    """participants.tsv rows as strings (for the group table), or ``[]`` when absent."""
-    path = bids_dir / "participants.tsv"
-    return _read_tsv(path) if path.is_file() else []
 
 
 def write_dataset_description(output_dir: Path, bids_dir: Path) -> Path:

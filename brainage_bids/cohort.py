@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from functools import partial
@@ -79,15 +80,25 @@ def run_cohort(settings: Settings, images: Sequence[T1wImage], *,
 
     Both map an image's node name to its one-line error and to its crash file.
     """
+    from brainage_bids.validation import screen_images
+    from brainage_bids.workflows.outputs import (
+        remove_image_outputs,
+        remove_report_temporaries,
+    )
+
+    started = time.time()
     crash_dir = settings.logs_dir / "crashes"
     log_level = "INFO" if settings.verbose >= 2 else "WARNING"
+    usable, rejected = screen_images(images)  # a FIFO, a dangling link: fail alone, now
     jobs = [ImageJob(image=image, workflow_args=workflow_args, work_dir=settings.work_dir,
-                     crash_dir=crash_dir, log_level=log_level) for image in images]
+                     crash_dir=crash_dir, log_level=log_level, log_file=log_file(settings),
+                     nipype_to_terminal=settings.verbose >= 2) for image in usable]
     workers = image_workers(nprocs=settings.nprocs, omp_nthreads=settings.omp_nthreads,
                             mem_gb=settings.mem_gb)
-    LOG.info("processing %d image(s), %d at a time with %d thread(s) each", len(jobs),
-             workers, settings.omp_nthreads)
-    progress = Progress(len(jobs), logger=LOG)
+    LOG.info("processing %d image(s), %d at a time with %d thread(s) each%s", len(jobs),
+             workers, settings.omp_nthreads,
+             f" ({len(rejected)} more cannot be opened)" if rejected else "")
+    progress = Progress(len(images), logger=LOG)
     failures: dict[str, str] = {}
     crashes: dict[str, str] = {}
 
@@ -100,18 +111,35 @@ def run_cohort(settings: Settings, images: Sequence[T1wImage], *,
         failures[image.node_name] = result.error or "failed"
         if result.crash_file:
             crashes[image.node_name] = result.crash_file
-        crash = f" (crash file {result.crash_file})" if result.crash_file else ""
+        crash = f" (crash file: {result.crash_file})" if result.crash_file else ""
         progress.advance(f"{image.name}: FAILED: {result.error}{crash}",
                          seconds=result.seconds, failed=True)
+
+    def aborted(in_flight: list[T1wImage], reports: list[ReportJob]) -> None:
+        for image in in_flight:  # nothing of an interrupted image may look complete
+            removed = remove_image_outputs(settings.output_dir, image.entities, since=started)
+            if removed:
+                LOG.info("%s: interrupted; removed %d partial output(s)", image.name,
+                         len(removed))
+        for report in reports:
+            remove_report_temporaries(settings.output_dir, report.subject, report.images)
 
     render = (partial(render_one, output_dir=settings.output_dir, methods=methods)
               if settings.reports else None)
     try:
         run_images(jobs, workers=workers, on_image=finished, render=render,
-                   report_workers=settings.nprocs, on_report=_report_done)
+                   report_workers=settings.nprocs, on_report=_report_done,
+                   failed=[ImageResult(image, False, 0.0, reason)
+                           for image, reason in rejected],
+                   on_abort=aborted)
     finally:
         progress.close()
     return failures, crashes
+
+
+def log_file(settings: Settings) -> Path:
+    """The run's log file (``logs/brainage-<run>.log``)."""
+    return settings.logs_dir / f"brainage-{settings.run_uuid}.log"
 
 
 def last_failures(logs_dir: Path) -> tuple[dict[str, str], dict[str, str]]:

@@ -66,6 +66,7 @@ class Settings:
     # group level
     bias_method: str = "beheshti"
     bias_reference: str | None = None
+    skip_unreadable: bool = False
     run_uuid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @property

@@ -45,3 +45,19 @@ def derivative_path(output_dir: Path, source: dict[str, Any], *, suffix: str, ex
 def report_path(output_dir: Path, subject: str) -> Path:
     """Per-participant HTML report, at the top of the derivatives like fMRIPrep's."""
     return Path(output_dir) / f"sub-{subject}.html"
+
+
+#: The figures of one image's report section: ``(desc, extra entities)``; the registration
+#: and saliency figures are on the template grid (space and res entities).
+FIGURES: tuple[tuple[str, bool], ...] = (
+    ("registration", True), ("brainmask", False), ("gradcam", True), ("gradcamblocks", True),
+    ("attention", True),
+)
+
+
+def figure_path(output_dir: Path, source: dict[str, Any], *, desc: str,
+                **entities: Any) -> Path:
+    """``OUTPUT_DIR/sub-X/figures/<name>_desc-<desc>_T1w.png``, beside the report."""
+    folder = report_path(output_dir, str(source["subject"])).with_suffix("") / "figures"
+    return folder / derivative_name(source, suffix="T1w", extension=".png", desc=desc,
+                                    **entities)

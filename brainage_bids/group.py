@@ -141,39 +141,91 @@ def find_records(settings: Settings) -> list[Path]:
     return found
 
 
-def read_records(paths: list[Path]) -> list[dict[str, Any]]:
-    """Parse records; an unreadable one is skipped with a warning rather than ending the run."""
-    records = []
+def record_problem(record: Any) -> str | None:
+    """What makes a parsed record unusable for the table (``None`` when it is usable)."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    participant = record.get("participant_id")
+    if not isinstance(participant, str) or not participant.startswith("sub-"):
+        return f"participant_id {participant!r} is not a 'sub-<label>' string"
+    predicted = record.get("predicted_age")
+    if isinstance(predicted, bool) or not isinstance(predicted, (int, float)) or not (
+            math.isfinite(predicted)):
+        return f"predicted_age {predicted!r} is not a number"
+    age = record.get("chronological_age")
+    if age is not None and (isinstance(age, bool) or not isinstance(age, (int, float))):
+        return f"chronological_age {age!r} is neither a number nor null"
+    for section in ("qc", "model", "uncertainty"):
+        if record.get(section) is not None and not isinstance(record[section], dict):
+            return f"{section!r} is not a JSON object"
+    return None
+
+
+def read_records(paths: list[Path], *, skip_unreadable: bool = False) -> list[dict[str, Any]]:
+    """Parse every record; each one that cannot be read is named.
+
+    A record that cannot be read (truncated JSON, the wrong schema) would leave its image out
+    of the table without a word, so it is an error (:class:`GroupError`) after every such
+    record has been named in the log; with ``skip_unreadable`` the table is written without
+    them (each still named as a warning).
+    """
+    records: list[dict[str, Any]] = []
+    problems: list[tuple[Path, str]] = []
     for path in paths:
         try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-            LOG.warning("skipping unreadable record %s: %s", path, err)
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            problems.append((path, f"not valid JSON (truncated?): {err}"))
             continue
-        if not isinstance(record, dict) or record.get("predicted_age") is None:
-            LOG.warning("skipping record without a predicted age: %s", path)
+        except (OSError, UnicodeDecodeError) as err:
+            problems.append((path, f"cannot be read: {err}"))
+            continue
+        problem = record_problem(record)
+        if problem is not None:
+            problems.append((path, f"not a brain-age record: {problem}"))
             continue
         records.append(record)
+    for path, problem in problems:
+        LOG.log(logging.WARNING if skip_unreadable else logging.ERROR, "%s: %s", path, problem)
+    if problems and not skip_unreadable:
+        raise GroupError(f"{len(problems)} brain-age record(s) cannot be read (each named "
+                         f"above; the first: {problems[0][0]}); rerun the participant level "
+                         "for them, or pass --skip-unreadable to write the table without "
+                         "them")
+    if problems:
+        LOG.warning("the group table leaves out %d unreadable record(s) (--skip-unreadable)",
+                    len(problems))
     return records
 
 
 def read_participants(bids_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """participants.tsv as strings (kept exactly as written) and participants.json."""
+    """participants.tsv as strings (kept exactly as written) and participants.json.
+
+    Read by the BIDS TSV rules (:func:`brainage_bids.bids.read_tsv`: tabs, no quoting), so a
+    malformed file is an error naming the file and the line, never a silently shifted row.
+    """
+    from brainage_bids.bids import BIDSError, read_tsv
+
     tsv, sidecar = bids_dir / "participants.tsv", bids_dir / "participants.json"
     table = pd.DataFrame(columns=["participant_id"], dtype=object)
-    if tsv.is_file():
-        table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False)
+    if tsv.exists():
+        try:
+            parsed = read_tsv(tsv, id_column="participant_id")
+        except BIDSError as err:
+            raise GroupError(str(err)) from None
+        table = pd.DataFrame(parsed.rows, columns=parsed.columns, dtype=object)
     described: dict[str, Any] = {}
     if sidecar.is_file():
         try:
             described = json.loads(sidecar.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             LOG.warning("ignoring unreadable %s", sidecar)
-    if "participant_id" not in table.columns:
-        raise GroupError(f"{tsv} has no participant_id column")
     table["participant_id"] = [p if p.startswith("sub-") else f"sub-{p}"
                                for p in table["participant_id"].str.strip()]
-    table = table.drop_duplicates("participant_id")
+    duplicated = table["participant_id"].duplicated(keep=False)
+    if duplicated.any():  # "sub-01" and "01" in one file
+        raise GroupError(f"{tsv}: participant_id {table['participant_id'][duplicated].iloc[0]} "
+                         "appears twice")
     return table, described if isinstance(described, dict) else {}
 
 
@@ -430,7 +482,7 @@ def write_table(table: pd.DataFrame, target: Path) -> Path:
 
 def build_group(settings: Settings) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The group table and its sidecar (nothing written): the testable core of the level."""
-    records = read_records(find_records(settings))
+    records = read_records(find_records(settings), skip_unreadable=settings.skip_unreadable)
     if not records:
         raise GroupError(f"no brain-age records in {settings.output_dir}: run the participant "
                          "level first")

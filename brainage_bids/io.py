@@ -7,6 +7,7 @@ it is written under a hidden temporary name in the same directory and renamed in
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -15,30 +16,72 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+#: How a failed write reads in the one line a user sees, by errno.
+WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EFBIG: "file too large",
+    errno.EISDIR: "a directory is in the way",
+    errno.ENOTDIR: "a file is in the way of a folder",
+    errno.EIO: "input/output error",
+}
+
+
+class OutputError(OSError):
+    """A file could not be written; ``str()`` is one line naming the file (errno is kept)."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = code
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def write_error(err: OSError, target: str | os.PathLike[str]) -> OutputError:
+    """``no space left on device writing PATH`` (or the like) for a failed write of target."""
+    if isinstance(err, OutputError):
+        return err
+    reason = WRITE_ERRORS.get(err.errno or -1) or (err.strerror or str(err)).lower()
+    return OutputError(f"{reason} writing {target}", err.errno)
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
 
     The temporary name keeps the target's suffixes (``.nii.gz`` stays ``.nii.gz``) so that
-    libraries that choose a format by extension write the right thing.
+    libraries that choose a format by extension write the right thing. Any failure to write
+    (a full disk, a read-only folder) leaves no temporary file and raises
+    :class:`OutputError` naming ``target``.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(target.suffixes)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}",
-                                    dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}",
+                                        dir=target.parent)
+    except OSError as err:
+        raise write_error(err, target) from err
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp creates 0600 files; derivatives must be readable as any normal file would be
     umask = os.umask(0)
     os.umask(umask)
-    tmp.chmod(0o666 & ~umask)
     try:
+        tmp.chmod(0o666 & ~umask)
         yield tmp
         tmp.replace(target)
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS and err.filename not in (str(tmp), str(target)):
+            raise  # e.g. the source of a copy is missing: not a failure to write
+        raise write_error(err, target) from err
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(target: str | os.PathLike[str], text: str) -> Path:

@@ -69,23 +69,25 @@ def ensure_preprocessed(settings: Settings, images: list[T1wImage],
 
     Returns the images that have both outputs, and ``{image: error}`` for those that failed.
     """
+    from brainage_bids.validation import screen_images
     from brainage_bids.workflows.participant import init_participant_wf
     from brainage_bids.workflows.preproc import resolve_backend
 
-    missing = [im for im in images
-               if not all(p.is_file() for p in preprocessed_paths(settings.output_dir, im))]
-    failures: dict[str, str] = {}
+    todo = [im for im in images
+            if not all(p.is_file() for p in preprocessed_paths(settings.output_dir, im))]
+    missing, rejected = screen_images(todo)  # a FIFO or a dangling link fails alone
+    failures: dict[str, str] = {image.name: reason for image, reason in rejected}
     if missing and _is_main_rank():
         backend = resolve_backend(settings.preproc)
         LOG.info("preprocessing %d image(s) with the %s backend (%d already done)",
-                 len(missing), backend, len(images) - len(missing))
+                 len(missing), backend, len(images) - len(todo))
         workflow = init_participant_wf(
             images=missing, bids_dir=settings.bids_dir, output_dir=settings.output_dir,
             work_dir=settings.work_dir, backend=backend, omp_nthreads=settings.omp_nthreads,
             model=None)
         failed = execute(workflow, settings)
-        failures = {im.name: failed.get(im.node_name) or failed.get("*", "")
-                    for im in missing if im.node_name in failed or "*" in failed}
+        failures.update({im.name: failed.get(im.node_name) or failed.get("*", "")
+                         for im in missing if im.node_name in failed or "*" in failed})
     elif missing:
         _wait_for([p for im in missing for p in preprocessed_paths(settings.output_dir, im)])
     done = [im for im in images
@@ -119,6 +121,16 @@ def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Call
         split_stratified,
     )
 
+    bad_ages = [im for im in images if im.age_problem]
+    if bad_ages:  # training on a silently shorter cohort would hide a typo in the ages
+        for image in bad_ages if len(bad_ages) > 1 else ():  # the error line names one
+            LOG.error("%s: %s", image.name, image.age_problem)
+        first = bad_ages[0]
+        more = f" (and {len(bad_ages) - 1} more)" if len(bad_ages) > 1 else ""
+        raise TrainDataError(
+            f"{first.name}: {first.age_problem}{more}; the train level needs a valid age for "
+            "every selected participant: fix it, write n/a (unknown: the image is left "
+            "out), or leave the participant out with --participant-label")
     labelled = [im for im in images if im.age is not None]
     unlabelled = [im.name for im in images if im.age is None]
     if not labelled:

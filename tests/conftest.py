@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -54,3 +55,45 @@ def tiny_bids(tmp_path: Path) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``: the input dataset must never change."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def untrained_model(tmp_path_factory) -> Path:
+    """A clearly named, UNTRAINED checkpoint (random weights, the normal save path)."""
+    import torch
+
+    from brainage_bids.model import BrainAgeNet
+    from brainage_bids.model.weights import save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "test-untrained.safetensors"
+    save_model(BrainAgeNet(), path, {"name": "test-untrained",
+                                     "description": "UNTRAINED random weights (tests only)"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def participant_run(tmp_path_factory):
+    """participant then group on one shipped real head, with the shipped model.
+
+    Returns ``(output dir, work dir, participant arguments, exit code, group exit code)``.
+    Shared by the smoke and reliability tests, so the head is preprocessed once per session;
+    tests that rerun in its work directory use other output directories.
+    """
+    from brainage_bids.cli.run import main
+
+    root = tmp_path_factory.mktemp("smoke")
+    out, work = root / "out", root / "work"
+    before = tree_digest(SAMPLE)
+    args = [str(SAMPLE), str(out), "participant", "--participant-label", "IXI012",
+            "-w", str(work), "--nprocs", "1", "--omp-nthreads", "2", "--mc-samples", "4"]
+    code = main(args)
+    group_code = main([str(SAMPLE), str(out), "group"])
+    assert tree_digest(SAMPLE) == before, "the input dataset was modified"
+    return out, work, args, code, group_code

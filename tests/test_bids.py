@@ -9,7 +9,8 @@ from brainage_bids.bids import (
     collect_t1w,
     load_layout,
     parse_age,
-    read_ages,
+    read_age_table,
+    read_tsv,
     write_dataset_description,
 )
 from brainage_bids.derivatives import derivative_name, derivative_path
@@ -47,13 +48,100 @@ def test_unknown_labels_and_no_t1w(tiny_bids):
         collect_t1w(layout, filters={"t1w": {"acquisition": "none"}})
 
 
-def test_non_numeric_and_negative_ages_fail(tiny_bids):
+def test_non_numeric_and_negative_ages_are_recorded_not_raised(tiny_bids):
     (tiny_bids / "participants.tsv").write_text("participant_id\tage\nsub-IXI012\tforty\n")
-    with pytest.raises(BIDSError, match="forty"):
-        read_ages(tiny_bids)
+    table = read_age_table(tiny_bids)
+    assert table.ages[("IXI012", None)] is None
+    assert "participants.tsv line 2: age 'forty' is not a number" in table.problems[
+        ("IXI012", None)]
     with pytest.raises(BIDSError, match="not a valid age"):
         parse_age("-3", where="x")
     assert parse_age("n/a", where="x") is None and parse_age("", where="x") is None
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    ("abc", "age 'abc' is not a number"),
+    ("-5", "age '-5' is not a valid age in years (expected 0 to 120"),
+    ("45,5", "age '45,5' is not a number (write decimals with a point: 45.5)"),
+    ("250", "age '250' is not a valid age in years"),
+    ("1_000", "is not a number"),
+    ("inf", "is not a number"),
+])
+def test_bad_age_belongs_to_its_participant_only(tiny_bids, value, reason):
+    tsv = tiny_bids / "participants.tsv"
+    tsv.write_text(f"participant_id\tage\nsub-IXI012\t38.78\nsub-IXI013\t{value}\n")
+    layout = load_layout(tiny_bids)
+    # a participant that is not selected never sees the other's bad age
+    chosen = collect_t1w(layout, participant_label=("IXI012",), session_label=("A",))
+    assert chosen[0].age_problem is None
+    bad = collect_t1w(layout, participant_label=("IXI013",))[0]
+    assert bad.age is None
+    assert bad.age_problem.startswith(f"{tsv} line 3: ") and reason in bad.age_problem
+
+
+def test_ages_at_the_limits_are_valid():
+    assert parse_age("0", where="x") == 0 and parse_age("120", where="x") == 120
+    assert parse_age(" 45.5 ", where="x") == 45.5 and parse_age("4.5e1", where="x") == 45
+
+
+def test_a_quote_is_an_ordinary_character(tiny_bids):
+    """BIDS TSV has no quoting: a cell starting with a quote must not swallow the next row."""
+    (tiny_bids / "participants.tsv").write_text(
+        'participant_id\tage\tnote\nsub-IXI012\t38.78\t"unclosed\nsub-IXI013\t50\tx\n')
+    table = read_tsv(tiny_bids / "participants.tsv", id_column="participant_id")
+    assert [row["participant_id"] for row in table.rows] == ["sub-IXI012", "sub-IXI013"]
+    assert table.rows[0]["note"] == '"unclosed' and table.lines == [2, 3]
+    assert read_age_table(tiny_bids).ages[("IXI013", None)] == 50
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("subject\tage\nsub-IXI012\t40\n", "has no 'participant_id' column"),
+    ("participant_id\tage\nsub-IXI012\t40\nsub-IXI013\t41\nsub-IXI012\t42\n",
+     "lines 2 and 4: participant_id sub-IXI012 appears twice"),
+    ("participant_id\tage\nsub-IXI012\t40\nIXI012\t42\n",
+     "lines 2 and 3: participant_id sub-IXI012 appears twice"),
+    ("participant_id\tage\nsub-IXI012\t40\nsub-IXI013 41\n",
+     "line 3: 1 cell(s), but line 1 names 2 column(s)"),
+    ("participant_id\tage\tage\nsub-IXI012\t40\t40\n", "column 'age' appears twice"),
+    ("", "line 1: empty"),
+])
+def test_malformed_participants_tsv_names_file_and_line(tiny_bids, text, message):
+    tsv = tiny_bids / "participants.tsv"
+    tsv.write_text(text)
+    with pytest.raises(BIDSError) as exc:
+        collect_t1w(load_layout(tiny_bids), participant_label=("IXI013",))
+    assert str(exc.value).startswith(str(tsv)) and message in str(exc.value), exc.value
+
+
+def test_not_utf8_names_file_and_line(tiny_bids):
+    tsv = tiny_bids / "participants.tsv"
+    tsv.write_bytes(b"participant_id\tage\nsub-IXI012\t40\nsub-IXI013\t\xff\n")
+    with pytest.raises(BIDSError, match=r"line 3: not UTF-8"):
+        read_age_table(tiny_bids)
+
+
+def test_bad_session_age_belongs_to_its_session(tiny_bids):
+    sessions = tiny_bids / "sub-IXI012" / "sub-IXI012_sessions.tsv"
+    sessions.write_text("session_id\tage\nses-A\t38.78\nses-B\t4O.1\n")
+    images = collect_t1w(load_layout(tiny_bids), participant_label=("IXI012",))
+    assert images[0].age == pytest.approx(38.78) and images[0].age_problem is None
+    # no fallback to participants.tsv: the session's own age is wrong, not unknown
+    assert images[1].age is None
+    assert images[1].age_problem == f"{sessions} line 3: age '4O.1' is not a number"
+    sessions.write_text("session_id\tage\nses-A\t38.78\nses-A\t40\n")
+    with pytest.raises(BIDSError, match="lines 2 and 3: session_id ses-A appears twice"):
+        read_age_table(tiny_bids)
+
+
+def test_a_directory_named_like_a_t1w_is_collected_not_skipped(tiny_bids):
+    folder = tiny_bids / "sub-IXI099" / "anat" / "sub-IXI099_T1w.nii.gz"
+    folder.mkdir(parents=True)
+    layout = load_layout(tiny_bids)
+    images = collect_t1w(layout)
+    assert "sub-IXI099" in [im.name for im in images]
+    only = collect_t1w(layout, participant_label=("IXI099",))
+    assert [im.path for im in only] == [folder]
+    assert collect_t1w(layout, participant_label=("IXI013",))[0].subject == "IXI013"
 
 
 def test_derivative_names_follow_entity_order():

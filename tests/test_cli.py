@@ -151,7 +151,13 @@ def test_train_with_too_few_ages_fails_before_any_work(tiny_bids, tmp_path, caps
 def test_train_with_non_numeric_age(tiny_bids, tmp_path, capsys):
     (tiny_bids / "participants.tsv").write_text("participant_id\tage\nsub-IXI013\told\n")
     assert main([str(tiny_bids), str(tmp_path / "out"), "train"]) == 1
-    assert "'old' is not a number" in _one_error_line(capsys)
+    line = _one_error_line(capsys)
+    assert line.startswith("brainage-bids: error: sub-IXI013: ") and "line 2" in line
+    assert "'old' is not a number" in line and "--participant-label" in line
+    # a participant that is not selected does not stop the others (here: too few ages)
+    assert main([str(tiny_bids), str(tmp_path / "out"), "train",
+                 "--participant-label", "IXI012"]) == 1
+    assert "training needs at least" in _one_error_line(capsys)
 
 
 def test_work_dir_default_and_container_variable(sample_bids, tmp_path, monkeypatch):

@@ -73,19 +73,19 @@ def test_workers_share_the_cpu_and_memory_budget():
     assert image_workers(nprocs=1, omp_nthreads=4) == 1
 
 
-def test_crash_file_of_finds_the_images_own_newest_crash(tmp_path):
-    from brainage_bids.workflows.scheduler import crash_file_of
+def test_collect_crashes_finds_each_images_first_crash(tmp_path):
+    from brainage_bids.workflows.execution import collect_crashes
 
-    def crash(name: str, node: str) -> None:
+    def crash(name: str, node: str, error: str) -> None:
         (tmp_path / f"crash-{name}.txt").write_text(
-            f"Node: {node}\nWorking directory: /w\n\nTraceback:\nImageError: bad\n")
+            f"Node: {node}\nWorking directory: /w\n\nTraceback:\nImageError: {error}\n")
         time.sleep(0.02)
 
     started = time.time()
-    crash("a", "brainage_wf.t1w_sub01_wf.t1w_preproc_wf.validate")
-    crash("b", "t1w_sub012_wf.t1w_preproc_wf.validate")  # another image, longer name
-    crash("c", "t1w_sub01_wf.predict")
-    found = crash_file_of(tmp_path, "sub01", since=started)
-    assert found == tmp_path / "crash-c.txt"
-    assert crash_file_of(tmp_path, "sub012", since=started) == tmp_path / "crash-b.txt"
-    assert crash_file_of(tmp_path, "sub02", since=started) is None
+    crash("a", "brainage_wf.t1w_sub01_wf.derivatives_wf.ds_preproc", "the cause")
+    crash("b", "t1w_sub012_wf.t1w_preproc_wf.validate", "bad")  # another image, longer name
+    crash("c", "t1w_sub01_wf.derivatives_wf.ds_attention", "a consequence")
+    found = collect_crashes(tmp_path, since=started)
+    assert found["sub01"] == ("the cause", tmp_path / "crash-a.txt")
+    assert found["sub012"] == ("bad", tmp_path / "crash-b.txt")
+    assert "sub02" not in found

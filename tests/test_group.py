@@ -336,16 +336,18 @@ def test_load_card_reads_json_cards(tmp_path):
 
 @pytest.fixture
 def restore_logging():
-    """``main`` configures the package logger (handlers, no propagation): undo it after."""
+    """``main`` configures the package's and nipype's loggers (handlers, no propagation):
+    undo it after."""
     import logging
 
-    logger = logging.getLogger("brainage_bids")
-    saved = logger.handlers[:], logger.level, logger.propagate
+    loggers = [logging.getLogger(name) for name in ("brainage_bids", "nipype")]
+    saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
     yield
-    for handler in logger.handlers:
-        if handler not in saved[0]:
-            handler.close()
-    logger.handlers[:], logger.level, logger.propagate = saved
+    for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        for handler in logger.handlers:
+            if handler not in handlers:
+                handler.close()
+        logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
 
 
 def test_cli_group_level_writes_report(study, restore_logging):

@@ -8,12 +8,11 @@ by ``evaluation/evaluate.py``, not here.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
+import os
 import re
 import shutil
-from pathlib import Path
+from html import escape
 
 import nibabel as nib
 import numpy as np
@@ -22,43 +21,11 @@ import pytest
 from brainage_bids.cli.run import main
 
 from .conftest import REPO, SAMPLE, read_json, shared_or_skip
+from .conftest import tree_digest as _tree_digest
 
 pytestmark = pytest.mark.slow
 
 HEAD = SAMPLE / "sub-IXI012" / "anat" / "sub-IXI012_T1w.nii.gz"
-
-
-@pytest.fixture(scope="module")
-def untrained_model(tmp_path_factory) -> Path:
-    import torch
-
-    from brainage_bids.model import BrainAgeNet
-    from brainage_bids.model.weights import save_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("models") / "test-untrained.safetensors"
-    save_model(BrainAgeNet(), path, {"name": "test-untrained",
-                                     "description": "UNTRAINED random weights (tests only)"})
-    return path
-
-
-def _tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def participant_run(tmp_path_factory):
-    """participant then group on one shipped real head; returns (output dir, exit codes)."""
-    root = tmp_path_factory.mktemp("smoke")
-    out, work = root / "out", root / "work"
-    before = _tree_digest(SAMPLE)
-    args = [str(SAMPLE), str(out), "participant", "--participant-label", "IXI012",
-            "-w", str(work), "--nprocs", "1", "--omp-nthreads", "2", "--mc-samples", "4"]
-    code = main(args)
-    group_code = main([str(SAMPLE), str(out), "group"])
-    assert _tree_digest(SAMPLE) == before, "the input dataset was modified"
-    return out, work, args, code, group_code
 
 
 def test_participant_writes_every_derivative(participant_run):
@@ -151,40 +118,37 @@ def test_rerun_reuses_finished_steps(participant_run):
     assert result.stat().st_mtime_ns == stamp, "registration was recomputed"
 
 
-def _write(path: Path, data: np.ndarray, affine=None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
-
-
 def test_bad_inputs_fail_clearly_and_others_finish(tmp_path, untrained_model, capsys):
+    """Every kind of bad image in one run: each fails alone, in one line naming its file; the
+    good head (whose age in participants.tsv is malformed) is predicted with age n/a."""
+    from .test_validation import damaged_heads, special_files
+
     bids = tmp_path / "bids"
     bids.mkdir()
     shutil.copy(SAMPLE / "dataset_description.json", bids)
-    rows = ["participant_id\tage", "sub-good\t38.78"]
-    good = bids / "sub-good" / "anat" / "sub-good_T1w.nii.gz"
-    good.parent.mkdir(parents=True)
-    shutil.copy(HEAD, good)
-    head = nib.load(HEAD)
-    data = np.asarray(head.dataobj).astype(np.float32)
-    bad = {
-        "truncated": "cannot be read",
-        "fourd": "expected a 3D image",
-        "flat": "too small",
-        "zeros": "all zero",
-        "nans": "NaN",
-    }
-    for name in bad:
-        rows.append(f"sub-{name}\t50")
     anat = lambda s: bids / f"sub-{s}" / "anat" / f"sub-{s}_T1w.nii.gz"  # noqa: E731
-    raw = gzip.decompress(HEAD.read_bytes())
-    anat("truncated").parent.mkdir(parents=True)
-    anat("truncated").write_bytes(gzip.compress(raw)[: len(raw) // 8])
-    _write(anat("fourd"), np.stack([data] * 3, axis=-1), head.affine)
-    _write(anat("flat"), data[:, :, 60:61], head.affine)
-    _write(anat("zeros"), np.zeros_like(data), head.affine)
-    with_nans = data.copy()
-    with_nans[40:45, 40:45, 40:45] = np.nan
-    _write(anat("nans"), with_nans, head.affine)
+    anat("good").parent.mkdir(parents=True)
+    shutil.copy(HEAD, anat("good"))
+    bad: dict[str, str] = {}
+    for case, (path, reason) in damaged_heads(tmp_path / "damaged").items():
+        anat(case).parent.mkdir(parents=True)
+        path.rename(anat(case))
+        bad[case] = reason
+    specials = special_files(tmp_path / "special")
+    for case, (path, reason) in specials.items():
+        if case in ("missing", "loop"):  # no such entry in a dataset / pybids cannot list it
+            continue
+        anat(case).parent.mkdir(parents=True)
+        if path.is_symlink():
+            anat(case).symlink_to(os.readlink(path))
+        elif path.is_dir():
+            anat(case).mkdir()
+        elif case == "fifo":
+            os.mkfifo(anat(case))
+        else:
+            shutil.copy(path, anat(case))
+        bad[case] = reason.split(" ", 1)[1]  # without the file name of the original
+    rows = ["participant_id\tage", "sub-good\t45,5"] + [f"sub-{case}\t50" for case in bad]
     (bids / "participants.tsv").write_text("\n".join(rows) + "\n")
     before = _tree_digest(bids)
 
@@ -196,18 +160,41 @@ def test_bad_inputs_fail_clearly_and_others_finish(tmp_path, untrained_model, ca
     assert _tree_digest(bids) == before
     summary = read_json(next((out / "logs").glob("summary-*.json")))
     status = {row["image"]: row for row in summary["images"]}
+    assert set(status) == {"sub-good", *(f"sub-{case}" for case in bad)}
     assert status["sub-good"]["status"] == "ok"
+    assert status["sub-good"]["chronological_age"] is None
+    assert "age '45,5' is not a number" in status["sub-good"]["age_problem"]
     assert (out / "sub-good" / "anat" / "sub-good_brainage.json").is_file()
     for name, reason in bad.items():
         row = status[f"sub-{name}"]
         assert row["status"] == "failed", row
+        assert row["error"].startswith(f"sub-{name}_T1w.nii.gz"), row["error"]
         assert reason in row["error"], (name, row["error"])
-        assert not (out / f"sub-{name}" / "anat" / f"sub-{name}_brainage.json").exists()
+        assert not list((out / f"sub-{name}").rglob("*_brainage.json"))
+        html = (out / f"sub-{name}.html").read_text()
+        assert "(1 failed)" in html and escape(reason, quote=True) in html  # the report: why
     err = capsys.readouterr().err
-    # one progress line per image as it finished, failures with their crash file
-    assert sorted(re.findall(r"\[(\d)/6\] sub-", err)) == list("123456")
-    assert len(re.findall(r"\[\d/6\] sub-\w+: FAILED: .*\(crash file \S+crash-", err)) == 5
-    assert "FAILED" in err and "Traceback" not in err.split("FAILED")[-1]
+    total = len(bad) + 1
+    # one progress line per image as it finished; node failures name their crash file
+    done = re.findall(rf"\[(\d+)/{total}\] sub-(\w+): ", err)
+    assert sorted(int(n) for n, _ in done) == list(range(1, total + 1))
+    for name, reason in bad.items():
+        lines = [line for line in err.splitlines() if f"] sub-{name}: FAILED: " in line]
+        assert len(lines) == 1 and reason in lines[0], (name, lines)
+        if name in damaged_cases():
+            assert re.search(r"\(crash file: \S+/logs/crashes/crash-\S+\.txt\)", lines[0])
+    assert "Traceback" not in err and "nipype.workflow" not in err, err[-3000:]
+    assert re.search(r"sub-good: .*line 2: age '45,5' is not a number .*; predicting without "
+                     r"a chronological age", err)
+    assert re.search(rf"1 of {total} image\(s\) done; {len(bad)} failed: sub-\w+", err)
+    log = "".join(p.read_text() for p in (out / "logs").glob("brainage-*.log"))
+    assert "Traceback" in log  # nipype's dump is kept, in the log file
+
+
+def damaged_cases() -> set[str]:
+    """The damaged heads that reach the validation node (and so get a crash file)."""
+    return {"truncated", "notnifti", "fourd", "twod", "slab", "zeros", "nans", "inf",
+            "nanaffine", "tenmm", "tinyfov", "huge"}
 
 
 def test_train_level_two_epochs_on_real_heads(tmp_path):

@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("group level")
     group.add_argument("--bias-method", choices=BIAS_METHODS, default="beheshti",
                        help="bias correction reported as the main corrected gap")
+    group.add_argument("--skip-unreadable", action="store_true",
+                       help="write the group table without the brain-age records that cannot "
+                            "be read (each is still named); by default such a record is an "
+                            "error and no table is written")
     group.add_argument("--bias-reference", default=None, metavar="COLUMN=VALUE",
                        help="fit the bias correction on participants with this "
                             "participants.tsv value (e.g. group=control) instead of the "
@@ -257,10 +261,15 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
 def _read_filters(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
+    if path.is_dir():
+        raise UsageError(f"--bids-filter-file {path} is a directory, not a JSON file")
     try:
         filters = json.loads(path.read_text())
     except FileNotFoundError:
         raise UsageError(f"--bids-filter-file {path} does not exist") from None
+    except OSError as err:
+        raise UsageError(f"--bids-filter-file {path} cannot be read: "
+                         f"{(err.strerror or str(err)).lower()}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"--bids-filter-file {path} is not valid JSON: {err}") from None
     if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
@@ -296,6 +305,11 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         work_dir = output_dir.parent / f"{output_dir.name}_work"
     if _inside(work_dir, bids_dir):
         raise UsageError(f"work directory {work_dir} is inside the BIDS directory")
+    if work_dir.exists() and not work_dir.is_dir():
+        raise UsageError(f"work directory {work_dir} exists and is not a directory")
+    if work_dir == output_dir:
+        raise UsageError(f"work directory {work_dir} is the output directory: intermediate "
+                         "files would mix with the derivatives; choose another -w")
     if args.reports_only and (not args.reports or args.analysis_level != "participant"):
         raise UsageError("--reports-only re-renders the participant reports: use it at the "
                          "participant level and without --no-reports")
@@ -339,4 +353,5 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         model_name=args.model_name,
         bias_method=args.bias_method,
         bias_reference=args.bias_reference,
+        skip_unreadable=args.skip_unreadable,
     )

@@ -1,7 +1,8 @@
 """``brainage-bids``: dispatch to the participant, group and train levels.
 
 Exit codes: 0 success, 1 a runtime failure (some image failed, a model could not load),
-2 a usage error (argparse, paths). User mistakes end with one line on stderr, never a
+2 a usage error (argparse, paths), 130 / 143 stopped by SIGINT / SIGTERM
+(:mod:`brainage_bids.interruption`). User mistakes end with one line on stderr, never a
 traceback; ``-vv`` shows tracebacks for debugging.
 """
 
@@ -15,10 +16,13 @@ from pathlib import Path
 
 from brainage_bids.cli.parser import UsageError, parse_settings
 from brainage_bids.config import Settings, write_settings
+from brainage_bids.interruption import Interrupted, stop_on_signals, terminate_children
 
 LOG = logging.getLogger("brainage_bids")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+#: Failed images named in the run's last line (all of them are in the summary file).
+MAX_NAMED = 20
 
 
 class RunError(Exception):
@@ -26,6 +30,9 @@ class RunError(Exception):
 
 
 def _setup_logging(settings: Settings) -> None:
+    from brainage_bids.cohort import log_file
+    from brainage_bids.workflows.execution import QuietFileHandler, route_nipype_logging
+
     level = logging.WARNING - 10 * min(settings.verbose + 1, 2)  # INFO by default, -v DEBUG
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s",
@@ -35,21 +42,37 @@ def _setup_logging(settings: Settings) -> None:
     root.setLevel(level)
     root.propagate = False
     settings.logs_dir.mkdir(parents=True, exist_ok=True)
-    log_file = logging.FileHandler(settings.logs_dir / f"brainage-{settings.run_uuid}.log")
-    log_file.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
-    root.addHandler(log_file)
-    # nipype sets its loggers' levels from its own config when imported, so go through it
-    from nipype import config as nipype_config
-    from nipype import logging as nipype_logging
+    log = QuietFileHandler(log_file(settings))
+    log.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+    root.addHandler(log)
+    # nipype's dumps and tracebacks go to the log file; to the terminal only with -vv
+    route_nipype_logging("INFO" if settings.verbose >= 2 else "WARNING",
+                         log_file=log_file(settings), terminal=settings.verbose >= 2)
 
-    nipype_level = "INFO" if settings.verbose >= 2 else "WARNING"
-    for key in ("workflow_level", "interface_level", "utils_level"):
-        nipype_config.set("logging", key, nipype_level)
-    nipype_logging.update_logging(nipype_config)
+
+def _log_file_only(message: str) -> None:
+    """Record ``message`` in the run's log file without printing it a second time."""
+    record = LOG.makeRecord(LOG.name, logging.WARNING, __file__, 0, message, (), None)
+    for handler in logging.getLogger("brainage_bids").handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``brainage-bids`` console script."""
+    with stop_on_signals():
+        try:
+            return _main(argv)
+        except Interrupted as stop:
+            terminate_children()  # anything the level started and did not end itself
+            message = (f"brainage-bids: interrupted by {stop.name}; rerun with the same -w "
+                       "to resume")
+            print(message, file=sys.stderr)
+            _log_file_only(message)
+            return stop.exit_code
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         settings = parse_settings(argv)
     except UsageError as err:
@@ -69,14 +92,24 @@ def main(argv: list[str] | None = None) -> int:
             return run_group(settings)
         return run_train(settings)
     except KeyboardInterrupt:
-        print("brainage-bids: interrupted", file=sys.stderr)
+        print("brainage-bids: interrupted by SIGINT; rerun with the same -w to resume",
+              file=sys.stderr)
         return 130
     except Exception as err:
         if settings.verbose >= 2:
             raise
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"brainage-bids: error: {message}", file=sys.stderr)
+        print(f"brainage-bids: error: {one_line(err)}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an error's message (its type when it has none), plain words for
+    an OS error: ``no space left on device writing PATH``."""
+    from brainage_bids.io import write_error
+
+    if isinstance(err, OSError) and err.errno is not None and err.filename:
+        return str(write_error(err, err.filename))
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def select_images(settings: Settings) -> list:
@@ -110,6 +143,10 @@ def run_participant(settings: Settings) -> int:
     from brainage_bids.workflows.preproc import resolve_backend
 
     images = select_images(settings)
+    for image in images:  # a bad age is this image's problem alone: predict without it
+        if image.age_problem:
+            LOG.warning("%s: %s; predicting without a chronological age (n/a)", image.name,
+                        image.age_problem)
     backend = resolve_backend(settings.preproc)
     model, card = _resolve_model(settings.model, settings.device)
     architecture = card.get("architecture", {})
@@ -169,14 +206,19 @@ def summarise_participants(images, settings: Settings, failures: dict[str, str],
             rows.append({"image": image.name, "status": "failed",
                          "error": error or "no brain-age record was written",
                          "crash_file": (crashes or {}).get(image.node_name)})
+        if image.age_problem:
+            rows[-1]["age_problem"] = image.age_problem
     failed = [r for r in rows if r["status"] == "failed"]
-    for row in failed:  # each image had its line as it finished; the failures again at the end
-        LOG.error("%s: FAILED: %s", row["image"], row["error"])
     summary = {"level": "participant", "n_images": len(rows), "failed": len(failed),
                "images": rows}
-    atomic_write_json(settings.logs_dir / f"summary-{settings.run_uuid}.json", summary)
-    LOG.info("%d of %d image(s) done%s", len(rows) - len(failed), len(rows),
-             f"; {len(failed)} failed (see {settings.logs_dir})" if failed else "")
+    target = settings.logs_dir / f"summary-{settings.run_uuid}.json"
+    atomic_write_json(target, summary)
+    # each failure had its one line as it finished; the end names them, not again in full
+    names = ", ".join(r["image"] for r in failed[:MAX_NAMED])
+    more = f" and {len(failed) - MAX_NAMED} more" if len(failed) > MAX_NAMED else ""
+    LOG.log(logging.ERROR if failed else logging.INFO, "%d of %d image(s) done%s",
+            len(rows) - len(failed), len(rows),
+            f"; {len(failed)} failed: {names}{more} (see {target})" if failed else "")
     return summary
 
 

@@ -34,6 +34,8 @@ class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     datatype = traits.Str("anat", usedefault=True)
     entities = traits.Dict(desc="entities of the derivative: space, res, desc, from/to/mode")
     sidecar = traits.Dict(desc="JSON sidecar written beside the file")
+    after = traits.List(desc="derivatives that must be written before this one (the record "
+                             "is written last, so that a record means a complete image)")
 
 
 class _DerivativesSinkOutputSpec(TraitedSpec):

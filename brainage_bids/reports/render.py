@@ -22,7 +22,7 @@ from brainage_bids import __version__
 from brainage_bids.bids import T1wImage
 from brainage_bids.citation import Methods
 from brainage_bids.config import BIAS_METHODS
-from brainage_bids.derivatives import QC_FALSE, derivative_name, derivative_path, report_path
+from brainage_bids.derivatives import QC_FALSE, derivative_path, figure_path, report_path
 from brainage_bids.io import atomic_write_bytes, atomic_write_text
 from brainage_bids.templates import RESOLUTION_MM, TEMPLATE, template_path
 
@@ -150,11 +150,8 @@ def _image_figures(output_dir: Path, image: T1wImage,
     """The figures of one image, from whatever derivatives exist."""
     from brainage_bids.reports import figures
 
-    folder = report_path(output_dir, image.subject).with_suffix("") / "figures"
-
     def target(desc: str, **ents: str) -> Path:
-        return folder / derivative_name(image.entities, suffix="T1w", extension=".png",
-                                        desc=desc, **ents)
+        return figure_path(output_dir, image.entities, desc=desc, **ents)
 
     out = []
     if paths["preproc"].is_file():

@@ -12,6 +12,11 @@ single-threaded phases leave idle instead of forming a serial tail at the end.
 Each image's workflow keeps the base directory and name it had inside the old combined
 graph (``WORK_DIR/brainage_wf/t1w_<image>_wf``), so nipype's cache is shared with earlier
 runs and a rerun with the same work directory redoes nothing that finished.
+
+Failures stay with their image: an image whose workflow fails has its partial derivatives
+removed by its worker (its record is written last, so a record means a complete image), and
+a stop signal (:mod:`brainage_bids.interruption`) ends every worker process at once and
+removes the half-written outputs of the images in flight (``on_abort``).
 """
 
 from __future__ import annotations
@@ -20,15 +25,16 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from brainage_bids.bids import T1wImage
+from brainage_bids.interruption import ignore_interrupts, terminate
 
 LOG = logging.getLogger(__name__)
 
@@ -40,6 +46,10 @@ REPORT_NICENESS = 5
 IMAGE_MEM_GB = 1.5
 
 
+class WorkerDied(RuntimeError):
+    """A worker process ended without a result (the system killed it): the pool is lost."""
+
+
 @dataclass(frozen=True)
 class ImageJob:
     """Everything a worker process needs to build and run one image's workflow."""
@@ -49,6 +59,10 @@ class ImageJob:
     work_dir: Path
     crash_dir: Path
     log_level: str = "WARNING"
+    #: The run's log file, where nipype's messages go (``None``: nowhere but the terminal).
+    log_file: Path | None = None
+    #: Whether nipype's messages also reach the terminal (``-vv``).
+    nipype_to_terminal: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,22 +90,6 @@ class ReportJob:
     crashes: dict[str, str] = field(default_factory=dict)
 
 
-_NODE = re.compile(r"^Node: \S*?\bt1w_(?P<image>[A-Za-z0-9_]+?)_wf\b", re.MULTILINE)
-
-
-def crash_file_of(crash_dir: Path, node_name: str, *, since: float) -> Path | None:
-    """The newest crash file written since ``since`` by a step of image ``node_name``."""
-    newest: tuple[float, Path] | None = None
-    for crash in crash_dir.glob("crash-*.txt"):
-        mtime = crash.stat().st_mtime
-        if mtime < since - 1 or (newest and mtime <= newest[0]):
-            continue
-        match = _NODE.search(crash.read_text(errors="replace")[:4096])
-        if match and match.group("image") == node_name:
-            newest = (mtime, crash)
-    return newest[1] if newest else None
-
-
 def image_workers(*, nprocs: int, omp_nthreads: int, mem_gb: float | None = None) -> int:
     """How many images run at once: ``--nprocs`` is the CPU budget, each image takes
     ``--omp-nthreads`` of it (as MultiProc counted it), and ``--mem-gb`` bounds it too."""
@@ -102,11 +100,22 @@ def image_workers(*, nprocs: int, omp_nthreads: int, mem_gb: float | None = None
 
 
 def run_image_job(job: ImageJob) -> ImageResult:
-    """Build and run one image's workflow in this (worker) process; never raises."""
-    from brainage_bids.workflows.execution import collect_failures, run_workflow
+    """Build and run one image's workflow in this (worker) process; never raises.
+
+    On failure the image's partial derivatives are removed, so nothing of it looks complete.
+    """
+    from brainage_bids.workflows.execution import (
+        collect_crashes,
+        error_line,
+        plain_error,
+        route_nipype_logging,
+        run_workflow,
+    )
+    from brainage_bids.workflows.outputs import remove_image_outputs
     from brainage_bids.workflows.participant import init_single_t1w_wf
 
-    _quiet_nipype(job.log_level)
+    route_nipype_logging(job.log_level, log_file=job.log_file,
+                         terminal=job.nipype_to_terminal)
     started = time.time()
     clock = time.monotonic()
     try:
@@ -114,30 +123,42 @@ def run_image_job(job: ImageJob) -> ImageResult:
         workflow.base_dir = str(job.work_dir / BASE_NAME)
         ok = run_workflow(workflow, crash_dir=job.crash_dir, nprocs=1,
                           log_level=job.log_level)
-    except Exception as err:  # building the workflow failed: report it as this image's
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return ImageResult(job.image, False, time.monotonic() - clock, message)
+        error = crash = None
+        if not ok:
+            found = collect_crashes(job.crash_dir, since=started).get(job.image.node_name)
+            error, crash = ("the workflow failed", None) if found is None else (
+                found[0], str(found[1]))
+    except Exception as err:  # building the workflow failed, or nipype could not even
+        # write its crash file (a full disk): then the node's own error is the one to report
+        cause = _first_error(err)
+        error = (error_line(str(cause)) if cause is not err
+                 else plain_error(str(err).splitlines()[0] if str(err) else type(err).__name__))
+        ok, crash = False, None
     if ok:
         return ImageResult(job.image, True, time.monotonic() - clock)
-    failures = collect_failures(job.crash_dir, since=started)
-    crash = crash_file_of(job.crash_dir, job.image.node_name, since=started)
-    return ImageResult(job.image, False, time.monotonic() - clock,
-                       failures.get(job.image.node_name) or "the workflow failed",
-                       None if crash is None else str(crash))
+    output_dir = job.workflow_args.get("output_dir")
+    if output_dir is not None:
+        remove_image_outputs(Path(output_dir), job.image.entities)
+    return ImageResult(job.image, False, time.monotonic() - clock, error, crash)
 
 
-def _quiet_nipype(level: str) -> None:
-    """Worker processes start with nipype's INFO logging: use the run's level instead."""
-    from nipype import config as nipype_config
-    from nipype import logging as nipype_logging
+def _first_error(err: BaseException) -> BaseException:
+    """The exception that started a chain of errors raised while handling one another."""
+    seen = {id(err)}
+    while err.__context__ is not None and id(err.__context__) not in seen:
+        err = err.__context__
+        seen.add(id(err))
+    return err
 
-    for key in ("workflow_level", "interface_level", "utils_level"):
-        nipype_config.set("logging", key, level)
-    nipype_logging.update_logging(nipype_config)
+
+def _image_worker() -> None:
+    """Initializer of image processes: Ctrl-C is for the main process to handle."""
+    ignore_interrupts()
 
 
 def _lower_priority() -> None:
     """Initializer of report processes (reports must not slow the images down)."""
+    ignore_interrupts()
     with contextlib.suppress(OSError):  # not permitted here: run at normal priority
         os.nice(REPORT_NICENESS)
 
@@ -148,53 +169,92 @@ def _context():
     return multiprocessing.get_context("forkserver")
 
 
+def _worker_pids(pool: ProcessPoolExecutor | None) -> list[int]:
+    """The pool's worker processes (``terminate_workers`` only arrives in Python 3.14)."""
+    processes = getattr(pool, "_processes", None) or {}
+    return [int(pid) for pid in processes]
+
+
 def run_images(jobs: Sequence[ImageJob], *, workers: int,
                on_image: Callable[[ImageResult], None],
                render: Callable[[ReportJob], Any] | None = None,
                report_workers: int = 1,
-               on_report: Callable[[ReportJob, Future], None] | None = None) -> None:
+               on_report: Callable[[ReportJob, Future], None] | None = None,
+               failed: Sequence[ImageResult] = (),
+               on_abort: Callable[[list[T1wImage], list[ReportJob]], None] | None = None,
+               ) -> None:
     """Run ``jobs`` on ``workers`` processes in order; render reports as subjects complete.
 
     ``on_image`` is called in the main process as each image finishes (in finishing order);
-    ``render`` (a picklable function of a :class:`ReportJob`) runs in a report process once
-    every image of a participant has finished, and ``on_report`` sees its future.
+    ``failed`` are images that failed before any job was made (a FIFO, a dangling link):
+    they are reported first and count for their participant's report. ``render`` (a
+    picklable function of a :class:`ReportJob`) runs in a report process once every image of
+    a participant has finished, and ``on_report`` sees its future.
+
+    If the run is stopped (a signal, or any error in the main process), every worker process
+    is ended at once, and ``on_abort`` gets the images and reports that were in flight.
     """
     remaining: dict[str, int] = {}
     by_subject: dict[str, list[T1wImage]] = {}
-    for job in jobs:
-        remaining[job.image.subject] = remaining.get(job.image.subject, 0) + 1
-        by_subject.setdefault(job.image.subject, []).append(job.image)
+    for image in [*(result.image for result in failed), *(job.image for job in jobs)]:
+        remaining[image.subject] = remaining.get(image.subject, 0) + 1
+        by_subject.setdefault(image.subject, []).append(image)
     failures: dict[str, dict[str, str]] = {}
     crashes: dict[str, dict[str, str]] = {}
-    images = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_context())
+    images = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_context(),
+                                 initializer=_image_worker)
     reports = (ProcessPoolExecutor(max_workers=max(1, report_workers), mp_context=_context(),
                                    initializer=_lower_priority) if render else None)
     report_futures: dict[Future, ReportJob] = {}
+    submitted: dict[Future, ImageJob] = {}
+
+    def finished(result: ImageResult) -> None:
+        on_image(result)
+        subject = result.image.subject
+        if result.error is not None:
+            failures.setdefault(subject, {})[result.image.node_name] = result.error
+        if result.crash_file is not None:
+            crashes.setdefault(subject, {})[result.image.node_name] = result.crash_file
+        remaining[subject] -= 1
+        if remaining[subject] == 0 and reports is not None:
+            report = ReportJob(subject, by_subject[subject], failures.get(subject, {}),
+                               crashes.get(subject, {}))
+            report_futures[reports.submit(render, report)] = report
+
     try:
-        pending = {images.submit(run_image_job, job) for job in jobs}
+        for result in failed:
+            finished(result)
+        submitted = {images.submit(run_image_job, job): job for job in jobs}
+        pending = set(submitted)
         while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                result = future.result()
-                on_image(result)
-                subject = result.image.subject
-                if result.error is not None:
-                    failures.setdefault(subject, {})[result.image.node_name] = result.error
-                if result.crash_file is not None:
-                    crashes.setdefault(subject, {})[result.image.node_name] = result.crash_file
-                remaining[subject] -= 1
-                if remaining[subject] == 0 and reports is not None:
-                    report = ReportJob(subject, by_subject[subject], failures.get(subject, {}),
-                                       crashes.get(subject, {}))
-                    report_futures[reports.submit(render, report)] = report
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    raise WorkerDied(
+                        f"a worker process died while running {submitted[future].image.name} "
+                        "or another image in flight (killed by the system: out of memory?); "
+                        "rerun with the same -w, with fewer images at once (--nprocs, "
+                        "--mem-gb)") from None
+                finished(result)
         for future in report_futures:
             future.exception()  # wait; the callback reports any failure
             if on_report is not None:
                 on_report(report_futures[future], future)
     except BaseException:
+        in_flight = [job.image for future, job in submitted.items() if future.running()
+                     or (future.done() and not future.cancelled()
+                         and isinstance(future.exception(), BrokenProcessPool))]
+        reports_in_flight = [job for future, job in report_futures.items()
+                             if not future.done()]
+        # end the workers first: shutdown() alone would wait for the images in flight
+        terminate([*_worker_pids(images), *_worker_pids(reports)])
         images.shutdown(wait=False, cancel_futures=True)
         if reports is not None:
             reports.shutdown(wait=False, cancel_futures=True)
+        if on_abort is not None:
+            on_abort(in_flight, reports_in_flight)
         raise
     images.shutdown()
     if reports is not None:
