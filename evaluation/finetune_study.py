@@ -148,18 +148,21 @@ def main(argv: list[str] | None = None) -> int:
         ev.write_json(args.json, {"design": design, "runs": done,
                                   "rows": _rows(done, args)})
 
-    parent = args.parent or _train("ft-parent", parent_items, args, SCRATCH)
-    parent_card = read_card(resolve_model(parent)[0])
-    if sorted(parent_card["training_data"]["train_ids"]
-              + parent_card["training_data"]["validation_ids"]) != \
-            sorted(i.id for i in parent_items):
-        print(f"finetune_study: {parent} was not trained on this design's parent set",
-              file=sys.stderr)
-        return 2
-    if "ft-parent" not in done:
-        record("ft-parent", {**_score(Path(parent), test, args),
-                             "sha256": parent_card["sha256"]})
-    parent_spec = (str(parent), {})
+    fine_names = [f"ft-fine-n{size}-r{r}" for size in args.sizes for r in range(args.repeats)]
+    parent_spec = None
+    if "ft-parent" not in done or any(name not in done for name in fine_names):
+        parent = args.parent or _train("ft-parent", parent_items, args, SCRATCH)
+        parent_card = read_card(resolve_model(parent)[0])
+        trained_on = (parent_card["training_data"]["train_ids"]
+                      + parent_card["training_data"]["validation_ids"])
+        if sorted(trained_on) != sorted(i.id for i in parent_items):
+            print(f"finetune_study: {parent} was not trained on this design's parent set",
+                  file=sys.stderr)
+            return 2
+        if "ft-parent" not in done:
+            record("ft-parent", {**_score(Path(parent), test, args),
+                                 "sha256": parent_card["sha256"]})
+        parent_spec = (str(parent), {})
     # Cheap runs first: every fine-tune, then training from scratch, smallest subsets first.
     for kind, recipe in (("fine", FINETUNE), ("scratch", SCRATCH)):
         for size in args.sizes:
