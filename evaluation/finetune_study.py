@@ -61,14 +61,14 @@ def _subset(pool: list[TrainItem], n: int, seed: int) -> list[TrainItem]:
 
 
 def _train(name: str, items: list[TrainItem], args: argparse.Namespace, recipe: dict,
-           parent: tuple[str, dict] | None = None) -> Path:
+           parent: str | None = None) -> Path:
     out = args.out / "models" / name
     if (out / f"{name}.json").is_file():
         return out
     train, val = split_stratified(items, 0.2, args.seed)
     init_state, sha = None, None
     if parent is not None:
-        model, card = load_model(parent[0])
+        model, card = load_model(parent)
         init_state = {k: v.clone() for k, v in members_of(model)[0].state_dict().items()}
         sha = card["sha256"]
     config = TrainConfig(seed=args.seed, device=args.device, model_name=name,
@@ -90,14 +90,20 @@ def _score(path: Path, test: list[ev.EvalItem], args: argparse.Namespace) -> dic
             card["training"]["best_epoch"], "wall_time_s": card["training"]["wall_time_s"]}
 
 
+def _run_name(kind: str, size: int, repeat: int) -> str:
+    return f"ft-{kind}-n{size}-r{repeat}"
+
+
 def _table(rows: dict[str, list[dict]]) -> str:
-    lines = ["| model | n | test MAE (mean +- SD) | test r | minutes per run |",
-             "|---|---|---|---|---|"]
+    """The markdown table of docs/fine-tuning.md."""
+    lines = ["| model | runs | test MAE, mean (SD over subsets) | test r | best epoch | "
+             "minutes per run |", "|---|---|---|---|---|---|"]
     for name, runs in rows.items():
         mae = np.array([r["mae"] for r in runs])
-        spread = mae.std(ddof=1) if len(mae) > 1 else 0.0
-        lines.append(f"| {name} | {len(runs)} | {mae.mean():.2f} +- {spread:.2f} | "
+        spread = f" ({mae.std(ddof=1):.2f})" if len(mae) > 1 else ""
+        lines.append(f"| {name} | {len(runs)} | {mae.mean():.2f}{spread} | "
                      f"{np.mean([r['r'] for r in runs]):.3f} | "
+                     f"{', '.join(str(r['best_epoch']) for r in runs)} | "
                      f"{np.mean([r['wall_time_s'] for r in runs]) / 60:.1f} |")
     return "\n".join(lines)
 
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         ev.write_json(args.json, {"design": design, "runs": done,
                                   "rows": _rows(done, args)})
 
-    fine_names = [f"ft-fine-n{size}-r{r}" for size in args.sizes for r in range(args.repeats)]
+    fine_names = [_run_name("fine", size, r) for size in args.sizes for r in range(args.repeats)]
     parent_spec = None
     if "ft-parent" not in done or any(name not in done for name in fine_names):
         parent = args.parent or _train("ft-parent", parent_items, args, SCRATCH)
@@ -162,12 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         if "ft-parent" not in done:
             record("ft-parent", {**_score(Path(parent), test, args),
                                  "sha256": parent_card["sha256"]})
-        parent_spec = (str(parent), {})
+        parent_spec = str(parent)
     # Cheap runs first: every fine-tune, then training from scratch, smallest subsets first.
     for kind, recipe in (("fine", FINETUNE), ("scratch", SCRATCH)):
         for size in args.sizes:
             for repeat in range(args.repeats):
-                name = f"ft-{kind}-n{size}-r{repeat}"
+                name = _run_name(kind, size, repeat)
                 if name in done:
                     continue
                 subset = _subset(others, size, args.seed + 1000 * size + repeat)
@@ -185,8 +191,8 @@ def _rows(done: dict[str, dict], args: argparse.Namespace) -> dict[str, list[dic
         rows["parent alone"] = [done["ft-parent"]]
     for kind, label in (("fine", "fine-tuned"), ("scratch", "from scratch")):
         for size in args.sizes:
-            runs = [done[f"ft-{kind}-n{size}-r{r}"] for r in range(args.repeats)
-                    if f"ft-{kind}-n{size}-r{r}" in done]
+            names = [_run_name(kind, size, r) for r in range(args.repeats)]
+            runs = [done[name] for name in names if name in done]
             if runs:
                 rows[f"{label}, {size}"] = runs
     return rows
