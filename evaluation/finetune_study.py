@@ -9,7 +9,15 @@ The design (issue: site adaptation), all on the preprocessed IXI split:
 3. On each subset: fine-tune the parent (``--init-from``'s defaults: lr 1e-5, 60 epochs,
    patience 15; optionally ``--freeze-trunk``) and train from scratch (the paper's recipe),
    both early-stopped on a fifth of the subset.
-4. Everything is scored once on the 30 test participants, beside the parent alone.
+4. Everything is scored once on the 30 test participants, beside the parent alone and beside
+   the parent with the de Lange & Cole bias correction fitted on the same subset (the group
+   level's ``--bias-method cole --bias-reference``: no training, the lighter remedy).
+
+``--site-gamma G`` simulates a second site: the subsets and the test participants (never the
+parent's training data) get a monotone contrast change, ``x -> x**G`` on the brain's
+intensities scaled to [0, 1] (G > 1 brightens white matter relative to grey matter, as on the
+other site's scans that the shipped model aged by 15 years). Its models are named
+``ft-gammaG-...`` and share the parent with the plain study; use another ``--json``.
 
 Finished runs are skipped and interrupted ones resume, so the command can be rerun::
 
@@ -24,16 +32,19 @@ rewritten after every run and finished runs are not repeated, so with the JSON a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from brainage_bids import evaluation as ev
 from brainage_bids.io import sha256_file
-from brainage_bids.metrics import regression_metrics
+from brainage_bids.metrics import apply_bias, fit_bias, regression_metrics
 from brainage_bids.model.ensemble import members_of
 from brainage_bids.model.train import TrainConfig, TrainItem, split_stratified, train_model
 from brainage_bids.model.weights import load_model, read_card, resolve_model
@@ -44,6 +55,38 @@ from evaluate import DEFAULT_BIDS  # noqa: E402
 
 FINETUNE = {"epochs": 60, "lr": 1e-5, "patience": 15}
 SCRATCH = {"epochs": 250, "lr": 1e-4, "patience": 40}
+
+Item = TypeVar("Item", TrainItem, ev.EvalItem)
+
+
+def contrast_shift(volume: np.ndarray, mask: np.ndarray, gamma: float) -> np.ndarray:
+    """``x -> lo + (hi - lo) * ((x - lo) / (hi - lo)) ** gamma`` inside the mask (lo, hi: its
+    minimum and maximum); outside the mask unchanged. Monotone, so no normalisation undoes it."""
+    out = np.asarray(volume, dtype=np.float32).copy()
+    inside = np.asarray(mask) > 0
+    lo, hi = float(out[inside].min()), float(out[inside].max())
+    out[inside] = lo + (hi - lo) * ((out[inside] - lo) / (hi - lo)) ** gamma
+    return out
+
+
+def _at_site(items: list[Item], gamma: float, root: Path) -> list[Item]:
+    """``items`` with their images contrast-shifted (written once under ``root``)."""
+    import nibabel as nib
+
+    root.mkdir(parents=True, exist_ok=True)
+    shifted = []
+    for item in items:
+        target = root / Path(item.image).name
+        if not target.is_file():
+            image = nib.load(item.image)
+            mask = np.asanyarray(nib.load(item.mask).dataobj)
+            out = nib.Nifti1Image(contrast_shift(np.asanyarray(image.dataobj), mask, gamma),
+                                  image.affine)
+            partial = target.with_name(f".{target.name}.partial.nii.gz")
+            nib.save(out, partial)
+            os.replace(partial, target)  # a killed run never leaves a half-written image
+        shifted.append(dataclasses.replace(item, image=str(target)))
+    return shifted
 
 
 def _items(derivatives: Path, bids: Path, subjects: list[str]) -> list[TrainItem]:
@@ -90,8 +133,20 @@ def _score(path: Path, test: list[ev.EvalItem], args: argparse.Namespace) -> dic
             card["training"]["best_epoch"], "wall_time_s": card["training"]["wall_time_s"]}
 
 
-def _run_name(kind: str, size: int, repeat: int) -> str:
-    return f"ft-{kind}-n{size}-r{repeat}"
+def _run_name(kind: str, size: int, repeat: int, gamma: float | None = None) -> str:
+    site = "" if gamma is None else f"-gamma{gamma:g}"
+    return f"ft{site}-{kind}-n{size}-r{repeat}"
+
+
+def _bias_corrected(subset: list[TrainItem], test: list[ev.EvalItem],
+                    parent_pred: dict[str, float], test_pred: np.ndarray) -> dict:
+    """The parent with the de Lange & Cole correction fitted on ``subset``, on ``test``."""
+    coefs = fit_bias("cole", [i.age for i in subset], [parent_pred[i.id] for i in subset])
+    age = np.array([it.age for it in test])
+    corrected = apply_bias("cole", coefs, age, test_pred) + age
+    metrics = regression_metrics(age, corrected)
+    return {"mae": metrics["mae"], "r": metrics["r"], "best_epoch": None, "wall_time_s": None,
+            "slope": coefs["slope"], "intercept": coefs["intercept"]}
 
 
 def _table(rows: dict[str, list[dict]]) -> str:
@@ -101,10 +156,12 @@ def _table(rows: dict[str, list[dict]]) -> str:
     for name, runs in rows.items():
         mae = np.array([r["mae"] for r in runs])
         spread = f" ({mae.std(ddof=1):.2f})" if len(mae) > 1 else ""
+        trained = runs[0]["best_epoch"] is not None  # a bias correction trains nothing
+        epochs = ", ".join(str(r["best_epoch"]) for r in runs) if trained else "-"
+        minutes = (f"{np.mean([r['wall_time_s'] for r in runs]) / 60:.1f}" if trained
+                   else "-")
         lines.append(f"| {name} | {len(runs)} | {mae.mean():.2f}{spread} | "
-                     f"{np.mean([r['r'] for r in runs]):.3f} | "
-                     f"{', '.join(str(r['best_epoch']) for r in runs)} | "
-                     f"{np.mean([r['wall_time_s'] for r in runs]) / 60:.1f} |")
+                     f"{np.mean([r['r'] for r in runs]):.3f} | {epochs} | {minutes} |")
     return "\n".join(lines)
 
 
@@ -119,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="an already trained parent (its card must name the same "
                              "participants); default: train it under --out")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 20, 40])
+    parser.add_argument("--scratch-sizes", type=int, nargs="+", default=None,
+                        help="subset sizes trained from scratch (default: --sizes)")
+    parser.add_argument("--site-gamma", type=float, default=None,
+                        help="simulate a second site: this contrast change (x**G) on the "
+                             "subsets and the test participants")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--freeze-trunk", action="store_true")
@@ -135,10 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     trainval = _items(args.derivatives, args.bids, split["trainval"])
     test = ev.preprocessed_items(args.derivatives, args.bids, split["test"])
     others, parent_items = split_stratified(trainval, args.parent_n / len(trainval), args.seed)
-    # What the numbers depend on; where things are and how fast they run are left out.
+    if args.site_gamma is not None:
+        site_root = args.out / "site" / f"gamma{args.site_gamma:g}"
+        others = _at_site(others, args.site_gamma, site_root)
+        test = _at_site(test, args.site_gamma, site_root)
+    # What the numbers depend on; where things are and how fast they run are left out, and
+    # so are options left unset (a design recorded before they existed stays the same).
     design = {k: v for k, v in vars(args).items()
               if k not in ("json", "parent", "out", "device", "threads", "derivatives", "bids",
-                           "split")}
+                           "split") and not (k in ("scratch_sizes", "site_gamma") and v is None)}
     design["split_sha256"] = sha256_file(args.split)
     done: dict[str, dict] = {}
     if args.json.is_file():
@@ -154,9 +221,16 @@ def main(argv: list[str] | None = None) -> int:
         ev.write_json(args.json, {"design": design, "runs": done,
                                   "rows": _rows(done, args)})
 
-    fine_names = [_run_name("fine", size, r) for size in args.sizes for r in range(args.repeats)]
+    def name(kind: str, size: int, repeat: int) -> str:
+        return _run_name(kind, size, repeat, args.site_gamma)
+
+    def subset(size: int, repeat: int) -> list[TrainItem]:
+        return _subset(others, size, args.seed + 1000 * size + repeat)
+
+    needs_parent = [name(kind, size, r) for kind in ("fine", "biascorr")
+                    for size in args.sizes for r in range(args.repeats)]
     parent_spec = None
-    if "ft-parent" not in done or any(name not in done for name in fine_names):
+    if "ft-parent" not in done or any(n not in done for n in needs_parent):
         parent = args.parent or _train("ft-parent", parent_items, args, SCRATCH)
         parent_card = read_card(resolve_model(parent)[0])
         trained_on = (parent_card["training_data"]["train_ids"]
@@ -169,17 +243,32 @@ def main(argv: list[str] | None = None) -> int:
             record("ft-parent", {**_score(Path(parent), test, args),
                                  "sha256": parent_card["sha256"]})
         parent_spec = str(parent)
+        bias_names = [(size, r) for size in args.sizes for r in range(args.repeats)
+                      if name("biascorr", size, r) not in done]
+        if bias_names:  # the parent's predictions on every participant a subset can hold
+            model, _card = load_model(parent)
+            pool = [ev.EvalItem(i.id, i.image, i.mask, i.age) for i in others]
+            pooled, _ = ev.predict_items(model, pool, mc_samples=1, device=args.device)
+            test_pred, _ = ev.predict_items(model, test, mc_samples=1, device=args.device)
+            parent_pred = dict(zip([i.id for i in pool], pooled.tolist(), strict=True))
+            for size, r in bias_names:
+                chosen = subset(size, r)
+                record(name("biascorr", size, r),
+                       {**_bias_corrected(chosen, test, parent_pred, test_pred),
+                        "subset": [i.id for i in chosen]})
     # Cheap runs first: every fine-tune, then training from scratch, smallest subsets first.
-    for kind, recipe in (("fine", FINETUNE), ("scratch", SCRATCH)):
-        for size in args.sizes:
+    scratch_sizes = args.scratch_sizes or args.sizes
+    for kind, recipe, sizes in (("fine", FINETUNE, args.sizes),
+                                ("scratch", SCRATCH, scratch_sizes)):
+        for size in sizes:
             for repeat in range(args.repeats):
-                name = _run_name(kind, size, repeat)
-                if name in done:
+                run = name(kind, size, repeat)
+                if run in done:
                     continue
-                subset = _subset(others, size, args.seed + 1000 * size + repeat)
-                path = _train(name, subset, args, recipe,
+                chosen = subset(size, repeat)
+                path = _train(run, chosen, args, recipe,
                               parent=parent_spec if kind == "fine" else None)
-                record(name, {**_score(path, test, args), "subset": [i.id for i in subset]})
+                record(run, {**_score(path, test, args), "subset": [i.id for i in chosen]})
     print(_table(_rows(done, args)))
     return 0
 
@@ -189,9 +278,10 @@ def _rows(done: dict[str, dict], args: argparse.Namespace) -> dict[str, list[dic
     rows: dict[str, list[dict]] = {}
     if "ft-parent" in done:
         rows["parent alone"] = [done["ft-parent"]]
-    for kind, label in (("fine", "fine-tuned"), ("scratch", "from scratch")):
-        for size in args.sizes:
-            names = [_run_name(kind, size, r) for r in range(args.repeats)]
+    for kind, label in (("biascorr", "parent + bias correction"),
+                        ("fine", "fine-tuned"), ("scratch", "from scratch")):
+        for size in sorted(set(args.sizes) | set(args.scratch_sizes or [])):
+            names = [_run_name(kind, size, r, args.site_gamma) for r in range(args.repeats)]
             runs = [done[name] for name in names if name in done]
             if runs:
                 rows[f"{label}, {size}"] = runs

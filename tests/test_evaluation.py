@@ -158,3 +158,35 @@ def test_ship_model_float16_halves_the_file_and_loads_back(tmp_path):
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert abs(loaded(x).item() - model(x).item()) < 0.05
+
+
+def test_site_contrast_shift_is_monotone_inside_the_mask_and_keeps_the_rest():
+    study = _script("finetune_study")
+    rng = np.random.default_rng(0)
+    volume = rng.uniform(10, 200, size=(8, 8, 8)).astype(np.float32)
+    mask = np.zeros(volume.shape, bool)
+    mask[2:6, 2:6, 2:6] = True
+    shifted = study.contrast_shift(volume, mask, 2.0)
+    inside, before = shifted[mask], volume[mask]
+    order = np.argsort(before)
+    assert np.all(np.diff(inside[order]) >= 0)  # same ranks: a contrast change, not noise
+    assert inside.min() == pytest.approx(before.min()) and inside.max() == pytest.approx(
+        before.max())
+    mid = (before.min() + before.max()) / 2
+    assert np.all(inside[before < mid] <= before[before < mid])  # x**2 darkens the mid-tones
+    np.testing.assert_array_equal(shifted[~mask], volume[~mask])
+
+
+def test_bias_corrected_parent_undoes_a_linear_site_drift():
+    study = _script("finetune_study")
+    ages = np.linspace(20, 80, 12)
+    subset = [study.TrainItem(id=f"sub-{i}", image="x", mask="y", age=float(a), group=str(i))
+              for i, a in enumerate(ages)]
+    test = [ev.EvalItem(str(i), "x", "y", float(a)) for i, a in enumerate(ages + 1.5)]
+    drift = lambda age: 0.8 * age + 15.0  # noqa: E731 - the site's predictions
+    parent_pred = {item.id: drift(item.age) for item in subset}
+    row = study._bias_corrected(subset, test, parent_pred, drift(ages + 1.5))
+    assert row["mae"] == pytest.approx(0.0, abs=1e-9)
+    assert row["slope"] == pytest.approx(0.8) and row["best_epoch"] is None
+    table = study._table({"parent + bias correction, 10": [row]})
+    assert table.splitlines()[-1].endswith("| - | - |")  # nothing was trained
