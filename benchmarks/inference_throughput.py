@@ -76,7 +76,7 @@ def _inputs(n: int):
 def _model(kind: str, spec: str | None):
     import torch
 
-    from brainage_bids.model.train import _initialise
+    from brainage_bids.model.train import initialise_weights
     from brainage_bids.model.weights import build_model, load_model
 
     if spec:
@@ -85,7 +85,7 @@ def _model(kind: str, spec: str | None):
             return model.eval(), card["name"]
     torch.manual_seed(0)
     model = build_model({"name": "SFCN"} if kind == "sfcn" else {"name": "BrainAgeNet"})
-    _initialise(model, "kaiming", 50.0)
+    initialise_weights(model, "kaiming", 50.0)
     return model.eval(), "untrained (He init)"
 
 

@@ -9,7 +9,7 @@ Variants:
     plain           the textbook BrainAgeNet (its attention as one ``Conv3d(2, 1, 7)``),
                     torch's default init, default memory format, tensors in memory,
                     ``zero_grad()``, mean L1 loss, Adam.
-    engine          the engine's step (``brainage_bids.model.train._train_step``) with its
+    engine          the engine's step (``brainage_bids.model.train.train_step``) with its
                     default settings, fed by its batch pipeline, no augmentation.
     engine-MOD...   the engine with modifiers, e.g. ``engine-aug`` (default augmentation:
                     its cost), ``engine-contiguous`` (no channels_last_3d),
@@ -132,7 +132,7 @@ def _engine(variant: str, batch: int, steps: int, warmup: int,
         torch.backends.cudnn.benchmark = True
     env = DistEnv(0, 1, 0, device, False)
     if config.tune_malloc:
-        engine._tune_malloc()
+        engine.tune_malloc()
     volume = _template_volume()
     n_items = batch * 2
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +147,7 @@ def _engine(variant: str, batch: int, steps: int, warmup: int,
         ages = np.linspace(20, 80, n_items).astype(np.float32)
         torch.manual_seed(0)
         model = engine.build_model({"name": config.architecture})
-        engine._initialise(model, config.init, float(ages.mean()))
+        engine.initialise_weights(model, config.init, float(ages.mean()))
         model.to(device)
         if config.channels_last:
             model.to(memory_format=torch.channels_last_3d)
@@ -159,8 +159,8 @@ def _engine(variant: str, batch: int, steps: int, warmup: int,
         epoch = 0
         start, start_cpu, faults = time.perf_counter(), time.process_time(), _faults()
         while len(times) < warmup + steps:
-            for item in engine._epoch_batches(config, env, cache, ages, epoch, augmenter):
-                engine._train_step(model, optimizer, item, config, env)
+            for item in engine.epoch_batches(config, env, cache, ages, epoch, augmenter):
+                engine.train_step(model, optimizer, item, config, env)
                 _sync(device)
                 now, now_cpu, now_faults = time.perf_counter(), time.process_time(), _faults()
                 times.append(now - start)  # includes any batch preparation not overlapped

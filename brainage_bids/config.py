@@ -19,7 +19,9 @@ LEVELS = ("participant", "group", "train")
 PREPROC_BACKENDS = ("auto", "fsl", "ants")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_VARIANTS = ("shared", "separate", "none")
-LOSSES = ("l1", "mse", "smoothl1")
+#: The train level's losses. It trains BrainAgeNet only, so SFCN's soft-label "kl" (in
+#: ``model.train_config.LOSSES``, used by the ablation) is not offered here.
+REGRESSION_LOSSES = ("l1", "mse", "smoothl1")
 BIAS_METHODS = ("beheshti", "cole", "smith")
 
 

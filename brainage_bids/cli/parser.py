@@ -14,8 +14,8 @@ from brainage_bids.config import (
     BIAS_METHODS,
     DEVICES,
     LEVELS,
-    LOSSES,
     PREPROC_BACKENDS,
+    REGRESSION_LOSSES,
     Settings,
 )
 
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=_positive_float, default=None,
                        help=f"Adam learning rate (default {TRAIN_DEFAULTS['lr']:g}; "
                             f"{FINETUNE_DEFAULTS['lr']:g} with --init-from)")
-    train.add_argument("--loss", choices=LOSSES, default="l1")
+    train.add_argument("--loss", choices=REGRESSION_LOSSES, default="l1")
     train.add_argument("--val-fraction", type=_fraction, default=0.2,
                        help="validation share, stratified by age")
     train.add_argument("--attention", choices=ATTENTION_VARIANTS, default=None,

@@ -13,7 +13,8 @@ are rather than being stretched over the image, as a plain resize would.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -91,6 +92,17 @@ def to_input_grid(feature: np.ndarray, geometry: Geometry, shape: Sequence[int])
     return out.astype(np.float32)
 
 
+@contextlib.contextmanager
+def _forward_hooks(modules: Iterable[nn.Module], hook: Callable[..., None]) -> Iterator[None]:
+    """``hook`` on every module's forward for the duration of the block, then removed."""
+    handles = [module.register_forward_hook(hook) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _check_blocks(model: nn.Module) -> None:
     blocks = getattr(model, "blocks", None)
     if blocks is None or not all(hasattr(b, name) for b in blocks
@@ -123,17 +135,16 @@ def gradcam_maps(model: nn.Module, volume: torch.Tensor | np.ndarray, *,
     batch = as_batch(volume).to(device)
     model.to(device)
     activations: list[torch.Tensor] = []
-    handles = [block.act.register_forward_hook(lambda _m, _i, out: activations.append(out))
-               for block in model.blocks]
-    try:
-        with preserved_modes(model), torch.inference_mode(False), torch.enable_grad():
-            model.eval()
-            # The input, not the parameters, anchors the graph: frozen weights still work.
-            age = model(batch.clone().requires_grad_(True)).sum()
-            grads = torch.autograd.grad(age, activations)
-    finally:
-        for handle in handles:
-            handle.remove()
+
+    def record(_module: nn.Module, _inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        activations.append(out)
+
+    with (_forward_hooks([block.act for block in model.blocks], record), preserved_modes(model),
+          torch.inference_mode(False), torch.enable_grad()):
+        model.eval()
+        # The input, not the parameters, anchors the graph: frozen weights still work.
+        age = model(batch.clone().requires_grad_(True)).sum()
+        grads = torch.autograd.grad(age, activations)
 
     before, _ = feature_geometry(model)
     shape = tuple(batch.shape[2:])
@@ -177,14 +188,9 @@ def attention_maps(model: nn.Module, volume: torch.Tensor | np.ndarray, *,
         weights.append(module.attention_map(inputs[0]))
 
     unique = {id(module): module for module in modules}.values()
-    handles = [module.register_forward_hook(record) for module in unique]
-    try:
-        with preserved_modes(model), torch.inference_mode():
-            model.eval()
-            model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with _forward_hooks(unique, record), preserved_modes(model), torch.inference_mode():
+        model.eval()
+        model(batch)
 
     _, after = feature_geometry(model)
     shape = tuple(batch.shape[2:])

@@ -16,7 +16,7 @@ Design decisions (each measured or required; see ``benchmarks/train_throughput.p
 - CPU speed (``benchmarks/train_throughput.py``, batch 8, 91x109x91, 2 shared cores), each
   measured against the same engine without it:
   channels_last_3d memory format (oneDNN's default layout is slow for these few-channel 3D
-  convolutions: ~1.5-2x); glibc malloc thresholds raised (:func:`_tune_malloc`: no more
+  convolutions: ~1.5-2x); glibc malloc thresholds raised (:func:`tune_malloc`: no more
   ~450,000 page faults per step: ~1.5x); batches prepared one ahead in a thread from the
   float16 cache, which overlaps augmentation with compute and, on a busy machine, also
   stops OpenMP workers from spin-waiting (~1.5-2x there); no DataLoader workers;
@@ -99,12 +99,15 @@ from brainage_bids.model.train_record import (
 from brainage_bids.model.weights import build_model
 from brainage_bids.progress import eta_seconds, format_duration
 
-# train_model and main are this module's; the rest lived here before the engine was split
-# and is re-exported so that ``from brainage_bids.model.train import ...`` keeps working.
+# train_model and main are this module's, and so are the engine's pieces that the training
+# benchmark times one by one (initialise_weights, epoch_batches, train_step, tune_malloc);
+# the rest lived here before the engine was split and is re-exported so that
+# ``from brainage_bids.model.train import ...`` keeps working.
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "INITS", "LOSSES", "LR_SCHEDULES",
            "METRIC_COLUMNS", "MIN_TRAIN", "MIN_VAL", "PRECISIONS", "TRAIN_ARCHITECTURES",
-           "TrainConfig", "TrainItem", "checkpoint_path", "main", "split_stratified",
-           "train_model"]
+           "TrainConfig", "TrainItem", "checkpoint_path", "epoch_batches",
+           "initialise_weights", "main", "split_stratified", "train_model", "train_step",
+           "tune_malloc"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -123,7 +126,7 @@ def _lr_at(config: TrainConfig, epoch: int) -> float:
     return config.lr
 
 
-def _initialise(model: nn.Module, scheme: str, mean_age: float) -> None:
+def initialise_weights(model: nn.Module, scheme: str, mean_age: float) -> None:
     """He-normal weights and zero biases (``kaiming``), and the output bias at the mean age.
 
     Starting at the mean age saves the many epochs Adam's lr-sized steps would need to move
@@ -188,7 +191,7 @@ class _Batch:
     n_global: int
 
 
-def _epoch_batches(config: TrainConfig, env: DistEnv, cache: VolumeCache, ages: np.ndarray,
+def epoch_batches(config: TrainConfig, env: DistEnv, cache: VolumeCache, ages: np.ndarray,
                    epoch: int, augmenter: Augmenter | None) -> Iterator[_Batch]:
     """Yield this rank's training batches of ``epoch``, prepared one ahead in a thread.
 
@@ -234,7 +237,7 @@ def _autocast(config: TrainConfig, env: DistEnv) -> contextlib.AbstractContextMa
     return contextlib.nullcontext()
 
 
-def _train_step(net: nn.Module, optimizer: torch.optim.Optimizer, batch: _Batch,
+def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, batch: _Batch,
                 config: TrainConfig, env: DistEnv) -> tuple[float, float]:
     """One optimisation step; returns (sum of this rank's sample losses, its sample count)."""
     x = _to_device(batch.x, env, config.channels_last)
@@ -276,7 +279,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 _MALLOC_KEEP = 1 << 30
 
 
-def _tune_malloc() -> bool:
+def tune_malloc() -> bool:
     """Keep freed activation buffers in the heap instead of unmapping them (glibc only).
 
     By default glibc serves every buffer over 32 MB (a batch of 8 has activations of 360 MB)
@@ -305,7 +308,7 @@ def _torch_settings(config: TrainConfig, env: DistEnv) -> Iterator[None]:
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     if config.tune_malloc and env.device.type == "cpu":
-        LOGGER.debug("glibc malloc thresholds raised: %s", _tune_malloc())
+        LOGGER.debug("glibc malloc thresholds raised: %s", tune_malloc())
     devices = [env.device.index or 0] if env.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
@@ -414,7 +417,7 @@ def _train(config: TrainConfig, env: DistEnv, train_items: list[TrainItem],
         model = build_model({"name": "BrainAgeNet", "attention": config.attention,
                              "attention_kernel": config.attention_kernel,
                              "dropout": config.dropout})
-    _initialise(model, config.init, mean_age)
+    initialise_weights(model, config.init, mean_age)
     if init_state is not None:
         _start_from(model, init_state, config.freeze_trunk)
     model.to(env.device)
@@ -462,10 +465,10 @@ def _train(config: TrainConfig, env: DistEnv, train_items: list[TrainItem],
                          file=sys.stderr, disable=not progress or not env.main,
                          dynamic_ncols=True)
             with inner:
-                for step, batch in enumerate(_epoch_batches(config, env, train_cache, ages,
+                for step, batch in enumerate(epoch_batches(config, env, train_cache, ages,
                                                             epoch, augmenter)):
                     LOGGER.debug("epoch %d batch %d/%d", epoch + 1, step + 1, n_batches)
-                    batch_sum, batch_n = _train_step(net, optimizer, batch, config, env)
+                    batch_sum, batch_n = train_step(net, optimizer, batch, config, env)
                     loss_sum += torch.tensor([batch_sum, batch_n], dtype=torch.float64)
                     inner.update()
                     inner.set_postfix(loss=f"{batch_sum / max(batch_n, 1.0):.3g}")
