@@ -60,8 +60,9 @@ def test_record_contents(participant_run):
     assert record["chronological_age"] == pytest.approx(38.78)
     assert record["brain_age_gap"] == pytest.approx(
         record["predicted_age"] - 38.78, abs=1e-2)
-    assert record["uncertainty"]["method"] == "mc-dropout"
+    assert record["uncertainty"]["method"] == "ensemble+mc-dropout"
     assert record["uncertainty"]["samples"] == 4
+    assert record["model"]["n_members"] == 5 and len(record["member_predictions"]) == 5
     from brainage_bids.model.weights import registry
 
     shipped = registry()
@@ -69,8 +70,8 @@ def test_record_contents(participant_run):
     assert record["model"]["sha256"] == next(
         m["sha256"] for m in shipped["models"] if m["name"] == shipped["default"])
     # the participant level predicts what the held-out evaluation does for this participant
-    # (docs/evaluation/ixi-2mm-v1_test_preproc-v2.json: evaluate.py on the same preprocessing)
-    evaluated = read_json(REPO / "docs" / "evaluation" / "ixi-2mm-v1_test_preproc-v2.json")
+    # (docs/evaluation/ixi-test.json: evaluate.py with the default model on this preprocessing)
+    evaluated = read_json(REPO / "docs" / "evaluation" / "ixi-test.json")
     expected = next(p["predicted_age"] for p in evaluated["predictions"]
                     if p["participant_id"] == "sub-IXI012")
     assert record["predicted_age"] == pytest.approx(expected, abs=0.05)
