@@ -101,6 +101,8 @@ def test_fine_tuning_defaults_come_from_the_parent(tmp_path, sample_bids) -> Non
     assert settings.lr == FINETUNE_DEFAULTS["lr"]
     assert settings.patience == FINETUNE_DEFAULTS["patience"]
     assert settings.attention == "shared" and settings.dropout == 0.2
+    # the default parent is the 5-member ixi-2mm-v2: every member is fine-tuned, one per fold
+    assert settings.folds == 5
     plain = parse_settings(_args(tmp_path, sample_bids))
     assert (plain.epochs, plain.lr, plain.folds) == (250, 1e-4, 1)
 
@@ -108,6 +110,7 @@ def test_fine_tuning_defaults_come_from_the_parent(tmp_path, sample_bids) -> Non
 @pytest.mark.parametrize(("extra", "match"), [
     (["--init-from", "default", "--attention", "none"], "contradicts the parent"),
     (["--init-from", "default", "--dropout", "0.5"], "contradicts the parent"),
+    (["--init-from", "default", "--folds", "3"], "has 5 members"),
     (["--init-from", "no-such-model"], "unknown model"),
     (["--freeze-trunk"], "needs --init-from"),
 ])
