@@ -173,9 +173,11 @@ def test_shipped_default_model_is_verified_and_documented():
     _, card = load_model("default")  # verifies the sha256 against card and registry
     assert card["uncertainty"]["calibration_scale"] > 0
     assert card["sha256"] == entry["sha256"] and card["name"] == entry["name"]
-    assert card["architecture"]["name"] == "BrainAgeNet"
-    assert card["architecture"]["attention"] == "shared"
-    assert card["architecture"]["n_parameters"] == 5408228
+    assert card["architecture"]["name"] == "BrainAgeEnsemble"
+    assert card["architecture"]["n_members"] == len(card["ensemble"]["members"]) == 5
+    member = card["architecture"]["member"]
+    assert member["name"] == "BrainAgeNet" and member["attention"] == "shared"
+    assert member["n_parameters"] == 5408228
     assert "CC BY-SA 3.0" in card["training_data"]["licence"]
     assert entry["age_range"] == card["training"]["age_range"]
     test = set(json.loads((REPO / "evaluation" / "ixi_split.json").read_text())["test"])

@@ -150,6 +150,7 @@ def run_participant(settings: Settings) -> int:
     backend = resolve_backend(settings.preproc)
     model, card = _resolve_model(settings.model, settings.device)
     architecture = card.get("architecture", {})
+    architecture = architecture.get("member", architecture)  # an ensemble: its members'
     is_attention_net = architecture.get("name", "BrainAgeNet") == "BrainAgeNet"
     gradcam = settings.saliency and is_attention_net
     methods = write_methods(settings, backend=backend, card=card, saliency=gradcam)
