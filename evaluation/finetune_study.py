@@ -138,6 +138,20 @@ def _run_name(kind: str, size: int, repeat: int, gamma: float | None = None) -> 
     return f"ft{site}-{kind}-n{size}-r{repeat}"
 
 
+def _made_by_other_parent(done: dict[str, dict], parent_sha: str) -> list[str]:
+    """The finished runs that came from a parent other than ``parent_sha`` (none if same).
+
+    The parent row, the fine-tunes and the bias corrections depend on the parent; training
+    from scratch does not. Training is not bit-reproducible across hosts, so a parent retrained
+    in another session is another model and what it made before must be redone, not mixed.
+    """
+    recorded = done.get("ft-parent", {}).get("sha256")
+    if recorded is None or recorded == parent_sha:
+        return []
+    return [run for run in done
+            if run == "ft-parent" or "-fine-" in run or "-biascorr-" in run]
+
+
 def _bias_corrected(subset: list[TrainItem], test: list[ev.EvalItem],
                     parent_pred: dict[str, float], test_pred: np.ndarray) -> dict:
     """The parent with the de Lange & Cole correction fitted on ``subset``, on ``test``."""
@@ -239,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"finetune_study: {parent} was not trained on this design's parent set",
                   file=sys.stderr)
             return 2
+        stale = _made_by_other_parent(done, parent_card["sha256"])
+        if stale:
+            logging.warning("the parent %s (sha256 %s) is not the one recorded in %s; redoing "
+                            "the %d runs that depend on it", parent, parent_card["sha256"][:12],
+                            args.json, len(stale))
+            for run in stale:
+                del done[run]
         if "ft-parent" not in done:
             record("ft-parent", {**_score(Path(parent), test, args),
                                  "sha256": parent_card["sha256"]})

@@ -190,3 +190,13 @@ def test_bias_corrected_parent_undoes_a_linear_site_drift():
     assert row["slope"] == pytest.approx(0.8) and row["best_epoch"] is None
     table = study._table({"parent + bias correction, 10": [row]})
     assert table.splitlines()[-1].endswith("| - | - |")  # nothing was trained
+
+
+def test_runs_of_another_parent_are_redone_and_scratch_runs_kept():
+    study = _script("finetune_study")
+    done = {"ft-parent": {"sha256": "aaa"}, "ft-fine-n10-r0": {}, "ft-biascorr-n10-r0": {},
+            "ft-scratch-n10-r0": {}, "ft-gamma2-fine-n20-r1": {}}
+    assert study._made_by_other_parent(done, "aaa") == []
+    assert sorted(study._made_by_other_parent(done, "bbb")) == [
+        "ft-biascorr-n10-r0", "ft-fine-n10-r0", "ft-gamma2-fine-n20-r1", "ft-parent"]
+    assert study._made_by_other_parent({"ft-scratch-n10-r0": {}}, "bbb") == []
