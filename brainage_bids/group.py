@@ -37,6 +37,12 @@ TABLE_NAME = "group_brainage"
 NA = "n/a"
 #: Smallest number of images with ages for fitting a bias correction on the data.
 MIN_FIT = 3
+#: Below this many images a fitted correction's slope is unstable: fitted on three subsets
+#: each of 10, 20 and 40 IXI participants, the de Lange & Cole slope ranged 0.19-0.49,
+#: 0.47-0.70 and 0.60-0.64 (docs/fine-tuning.md), so the group level warns.
+ADVISED_FIT = 40
+#: A de Lange & Cole slope below this multiplies the errors by more than 2.
+LOW_COLE_SLOPE = 0.5
 #: Prefix of participants.tsv columns whose names clash with the table's own columns.
 CLASH_PREFIX = "participants_"
 
@@ -333,6 +339,13 @@ def bias_coefficients(table: pd.DataFrame, *, card: dict[str, Any] | None,
     fit_on = _fit_mask(table, reference)
     card_bias = (card or {}).get("bias_correction") or {}
     out: dict[str, dict[str, Any]] = {}
+    n_fit = int(fit_on.sum())
+    if MIN_FIT <= n_fit < ADVISED_FIT:
+        where = (f"the reference group {reference_spec}" if reference is not None
+                 else "this group")
+        LOG.warning("bias corrections fitted on %s use only %d image(s): with fewer than about "
+                    "%d the fitted slope is unstable and corrected gaps can be further off than "
+                    "uncorrected ones (docs/fine-tuning.md)", where, n_fit, ADVISED_FIT)
     for method in BIAS_METHODS:
         fitted = card_bias.get(method)
         if (reference is None and method != "smith" and isinstance(fitted, dict)
@@ -349,7 +362,6 @@ def bias_coefficients(table: pd.DataFrame, *, card: dict[str, Any] | None,
         else:
             source = "fitted on this group's images (the model card has no coefficients)"
             LOG.warning("model card has no %s coefficients: fitting them on this group", method)
-        n_fit = int(fit_on.sum())
         if n_fit < MIN_FIT:
             if reference is not None:
                 raise GroupError(f"--bias-reference {reference_spec}: only {n_fit} image(s) with"
@@ -368,6 +380,10 @@ def bias_coefficients(table: pd.DataFrame, *, card: dict[str, Any] | None,
             out[method] = {"Source": f"not available: {err}", "N": n_fit,
                            "Coefficients": None}
             continue
+        if method == "cole" and coefs["slope"] < LOW_COLE_SLOPE:
+            LOG.warning("cole correction: fitted slope %.2f; the corrected age divides by it, "
+                        "so prediction errors are multiplied by %.1f", coefs["slope"],
+                        abs(1 / coefs["slope"]))
         out[method] = {"Source": source, "N": n_fit, "ExcludesQCFailures": True,
                        "Coefficients": coefs}
     return out

@@ -381,3 +381,28 @@ def test_unfitted_card_coefficients_fall_back_to_this_group(study, tmp_path):
     html = write_group_report(tmp_path, table, sidecar).read_text()
     sources = html.split("Coefficients from</dt><dd>")[1].split("</dd>")[0]
     assert "the model card has no coefficients" in sources and "from the model card" not in html
+
+
+def test_small_reference_groups_and_flat_cole_slopes_are_warned_about(caplog):
+    import pandas as pd
+
+    from brainage_bids.group import ADVISED_FIT, bias_coefficients
+
+    age = np.linspace(20, 80, 10)
+    table = pd.DataFrame({"age": age, "predicted_age": 0.3 * age + 35.0, "qc_pass": QC_TRUE})
+    reference = np.ones(len(age), bool)
+    with caplog.at_level("WARNING", logger="brainage_bids"):
+        out = bias_coefficients(table, card=None, reference=reference,
+                                reference_spec="group=control", model_spec=MODEL)
+    text = caplog.text
+    assert "the reference group group=control use only 10 image(s)" in text
+    assert f"fewer than about {ADVISED_FIT}" in text
+    assert "fitted slope 0.30" in text and "multiplied by 3.3" in text
+    assert out["cole"]["Coefficients"]["slope"] == pytest.approx(0.3)
+    caplog.clear()
+    big = pd.DataFrame({"age": np.linspace(20, 80, ADVISED_FIT), "qc_pass": QC_TRUE})
+    big["predicted_age"] = 0.9 * big["age"] + 5.0
+    with caplog.at_level("WARNING", logger="brainage_bids"):
+        bias_coefficients(big, card=None, reference=np.ones(len(big), bool),
+                          reference_spec="group=control", model_spec=MODEL)
+    assert "use only" not in caplog.text and "fitted slope" not in caplog.text
