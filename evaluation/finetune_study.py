@@ -55,6 +55,8 @@ from evaluate import DEFAULT_BIDS  # noqa: E402
 
 FINETUNE = {"epochs": 60, "lr": 1e-5, "patience": 15}
 SCRATCH = {"epochs": 250, "lr": 1e-4, "patience": 40}
+#: The kinds of run made from the parent (training from scratch is not one of them).
+PARENT_KINDS = ("fine", "biascorr")
 
 Item = TypeVar("Item", TrainItem, ev.EvalItem)
 
@@ -149,7 +151,7 @@ def _made_by_other_parent(done: dict[str, dict], parent_sha: str) -> list[str]:
     if recorded is None or recorded == parent_sha:
         return []
     return [run for run in done
-            if run == "ft-parent" or "-fine-" in run or "-biascorr-" in run]
+            if run == "ft-parent" or any(f"-{kind}-" in run for kind in PARENT_KINDS)]
 
 
 def _bias_corrected(subset: list[TrainItem], test: list[ev.EvalItem],
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     def subset(size: int, repeat: int) -> list[TrainItem]:
         return _subset(others, size, args.seed + 1000 * size + repeat)
 
-    needs_parent = [name(kind, size, r) for kind in ("fine", "biascorr")
+    needs_parent = [name(kind, size, r) for kind in PARENT_KINDS
                     for size in args.sizes for r in range(args.repeats)]
     parent_spec = None
     if "ft-parent" not in done or any(n not in done for n in needs_parent):
