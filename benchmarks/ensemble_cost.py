@@ -1,10 +1,11 @@
 """What an ensemble of K members costs at the participant level: seconds and peak memory.
 
 Runs the participant level's prediction step (``predict_brain_age`` with MC dropout, with and
-without flip TTA) and its saliency step (Grad-CAM and attention maps of every member) for
-K = 1, 3, 5 members, each K in a fresh process so that its peak RSS is its own, on a real
-normalised brain (the MNI152 2 mm template brain). The members have random weights: the cost
-does not depend on the values. Prints a table; ``--json`` keeps every run.
+without flip TTA, and with flip TTA plus the 8 grid-jitter views that ``ixi-2mm-v2`` uses,
+their resampling timed apart) and its saliency step (Grad-CAM and attention maps of every
+member) for K = 1, 3, 5 members, each K in a fresh process so that its peak RSS is its own,
+on a real normalised brain (the MNI152 2 mm template brain). The members have random
+weights: the cost does not depend on the values. Prints a table; ``--json`` keeps every run.
 
     python benchmarks/ensemble_cost.py --threads 2 --repeats 3
 """
@@ -21,6 +22,9 @@ from importlib import resources
 
 from rounds import run_rounds
 
+#: Grid-jitter views of the default model (its card's ``inference.grid_jitter.n``).
+JITTER_VIEWS = 8
+
 
 def one(members: int, threads: int, mc_samples: int) -> dict:
     import nibabel as nib
@@ -29,6 +33,7 @@ def one(members: int, threads: int, mc_samples: int) -> dict:
 
     from brainage_bids.model.ensemble import BrainAgeEnsemble
     from brainage_bids.model.intensity import normalise_intensity
+    from brainage_bids.model.jitter import jitter_offsets, resample_views
     from brainage_bids.model.net import BrainAgeNet
     from brainage_bids.model.predict import predict_brain_age
     from brainage_bids.model.saliency import attention_maps, gradcam_maps
@@ -47,6 +52,15 @@ def one(members: int, threads: int, mc_samples: int) -> dict:
         start = time.perf_counter()
         predict_brain_age(model, volume, mc_samples=mc_samples, flip_tta=flip)
         out[f"predict_s{'_flip' if flip else ''}"] = time.perf_counter() - start
+    image = nib.load(tpl / "tpl-MNI152NLin6Asym_res-02_desc-brain_T1w.nii.gz")
+    start = time.perf_counter()  # the template as the native brain, identity registration
+    brains, masks = resample_views(brain, mask, image.affine, np.eye(4), image.affine,
+                                   brain.shape, jitter_offsets(JITTER_VIEWS, 1.0, 0))
+    views = [normalise_intensity(b, m) for b, m in zip(brains, masks, strict=True)]
+    out["jitter_resample_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    predict_brain_age(model, volume, mc_samples=mc_samples, flip_tta=True, views=views)
+    out["predict_s_flip_jitter"] = time.perf_counter() - start
     start = time.perf_counter()
     for member in model.members:
         gradcam_maps(member, volume)
@@ -73,13 +87,15 @@ def main(argv: list[str] | None = None) -> int:
                       lambda r, v, res: print(f"  run {r + 1}, K={v}: {res}", file=sys.stderr))
     if isinstance(runs, int):
         return runs
-    print("| K members | predict (s) | predict + flip TTA (s) | saliency (s) | peak RSS (MB) |"
-          "\n|---|---|---|---|---|")
+    print("| K members | predict (s) | predict + flip TTA (s) | + 8 jitter views (s) | "
+          "resampling the views (s) | saliency (s) | peak RSS (MB) |"
+          "\n|---|---|---|---|---|---|---|")
+    keys = ("predict_s", "predict_s_flip", "predict_s_flip_jitter", "jitter_resample_s",
+            "saliency_s", "peak_rss_mb")
     for k, rows in runs.items():
-        med = {key: statistics.median(r[key] for r in rows)
-               for key in ("predict_s", "predict_s_flip", "saliency_s", "peak_rss_mb")}
-        print(f"| {k} | {med['predict_s']:.2f} | {med['predict_s_flip']:.2f} | "
-              f"{med['saliency_s']:.2f} | {med['peak_rss_mb']:.0f} |")
+        med = {key: statistics.median(r[key] for r in rows) for key in keys}
+        print(f"| {k} | " + " | ".join(f"{med[key]:.2f}" for key in keys[:-1])
+              + f" | {med['peak_rss_mb']:.0f} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"threads": args.threads, "mc_samples": args.mc_samples, "runs": runs},

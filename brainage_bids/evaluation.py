@@ -34,6 +34,35 @@ class EvalItem:
     image: str
     mask: str
     age: float
+    #: ``(brain, mask, transform, backend)`` on the input grid, for grid-jitter inference
+    native: tuple[str, str, str, str] | None = None
+
+
+#: How the transform's sidecar names each preprocessing backend's software.
+_BACKEND_OF_SOFTWARE = {"ANTs": "ants", "FSL flirt": "fsl"}
+
+
+def native_outputs(output_dir: Path, entities: dict[str, Any]) -> tuple[str, str, str, str] | None:
+    """``(brain, mask, transform, backend)`` the participant level wrote on the input grid for
+    one image, or None when any is missing (derivatives of an older version)."""
+    from brainage_bids.derivatives import derivative_path
+    from brainage_bids.templates import TEMPLATE
+
+    brain = derivative_path(output_dir, entities, suffix="T1w", extension=".nii.gz",
+                            desc="preproc")
+    mask = derivative_path(output_dir, entities, suffix="mask", extension=".nii.gz",
+                           desc="brain")
+    xfm = {"suffix": "xfm", "from": "T1w", "to": TEMPLATE, "mode": "image"}
+    transform = derivative_path(output_dir, entities, extension=".mat", **xfm)
+    sidecar = derivative_path(output_dir, entities, extension=".json", **xfm)
+    if not all(p.is_file() for p in (brain, mask, transform, sidecar)):
+        return None
+    try:
+        software = json.loads(sidecar.read_text()).get("Software")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    backend = _BACKEND_OF_SOFTWARE.get(software)
+    return None if backend is None else (str(brain), str(mask), str(transform), backend)
 
 
 def preprocessed_items(output_dir: str | Path, bids_dir: str | Path,
@@ -60,36 +89,42 @@ def preprocessed_items(output_dir: str | Path, bids_dir: str | Path,
         elif not (image.is_file() and mask.is_file()):
             problems.append(f"sub-{subject}: not preprocessed ({image} missing)")
         else:
-            items.append(EvalItem(subject, str(image), str(mask), float(age)))
+            items.append(EvalItem(subject, str(image), str(mask), float(age),
+                                  native_outputs(Path(output_dir), {"subject": subject})))
     if problems:
         raise ValueError("; ".join(problems))
     return items
 
 
 def predict_items(model: Any, items: Sequence[EvalItem], *, mc_samples: int = 1,
-                  seed: int = 0, device: str = "cpu",
-                  flip_tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  seed: int = 0, device: str = "cpu", flip_tta: bool = False,
+                  jitter: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(predicted ages, MC-dropout SDs)`` for each item, exactly as the participant level.
 
     With ``mc_samples=1`` the SDs are 0 (no uncertainty estimate), which is much faster.
     """
     rows = predict_records(model, items, mc_samples=mc_samples, seed=seed, device=device,
-                           flip_tta=flip_tta)
+                           flip_tta=flip_tta, jitter=jitter)
     return (np.asarray([r["predicted_age"] for r in rows], dtype=np.float64),
             np.asarray([r["mc_sd"] for r in rows], dtype=np.float64))
 
 
 def predict_records(model: Any, items: Sequence[EvalItem], *, mc_samples: int = 20,
                     seed: int = 0, device: str = "cpu", flip_tta: bool = False,
-                    calibration: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                    calibration: dict[str, Any] | None = None,
+                    jitter: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The participant level's prediction of each item (single model or ensemble).
 
-    Each row is :func:`~brainage_bids.model.predict.predict_brain_age`'s result plus ``sd``
+    ``jitter`` (a card's grid-jitter settings, :func:`~brainage_bids.model.jitter.
+    jitter_settings`) adds the grid-jitter views from each item's native outputs, as the
+    participant level does; an item without them is an error, not a silent fallback. Each row
+    is :func:`~brainage_bids.model.predict.predict_brain_age`'s result plus ``sd``
     (calibrated with the card's ``calibration`` when given, as the records are).
     """
     import nibabel as nib
 
     from brainage_bids.model.intensity import normalise_intensity
+    from brainage_bids.model.jitter import jitter_views
     from brainage_bids.model.predict import predict_brain_age
     from brainage_bids.model.uncertainty import calibrated_sd
 
@@ -97,9 +132,15 @@ def predict_records(model: Any, items: Sequence[EvalItem], *, mc_samples: int = 
     for item in items:
         brain = np.asanyarray(nib.load(item.image).dataobj)
         mask = np.asanyarray(nib.load(item.mask).dataobj) > 0
+        views = []
+        if jitter is not None:
+            if item.native is None:
+                raise ValueError(f"sub-{item.id}: grid jitter needs the native brain, mask and "
+                                 "transform; rerun the participant level with this version")
+            views = jitter_views(*item.native, jitter)
         result = predict_brain_age(model, normalise_intensity(brain, mask),
                                    mc_samples=mc_samples, seed=seed, device=device,
-                                   flip_tta=flip_tta)
+                                   flip_tta=flip_tta, views=views)
         result.update(calibrated_sd(result, calibration))
         rows.append(result)
     return rows

@@ -31,6 +31,7 @@ import numpy as np
 from brainage_bids import evaluation as ev
 from brainage_bids.bids import read_ages
 from brainage_bids.io import atomic_write_text
+from brainage_bids.model.jitter import jitter_settings
 from brainage_bids.model.uncertainty import coverage
 from brainage_bids.model.weights import ModelError, load_model
 
@@ -78,14 +79,16 @@ def _evaluate_model(spec: str, args: argparse.Namespace, split: dict) -> dict:
     train_mean = float(np.mean([all_ages[(s, None)] for s in train]))
     test_items = ev.preprocessed_items(args.derivatives, args.bids, test)
     flip = bool((card.get("inference") or {}).get("flip_tta"))
+    jitter = jitter_settings(card)
     rows = ev.predict_records(model, test_items, mc_samples=args.mc_samples, flip_tta=flip,
-                              calibration=card.get("uncertainty"))
+                              calibration=card.get("uncertainty"), jitter=jitter)
     age = np.array([it.age for it in test_items])
     pred = np.array([r["predicted_age"] for r in rows])
     report = ev.evaluate(age, pred, card, train_mean)
     name = card.get("name", str(spec))
     report["model"] = {"name": name, "sha256": card["sha256"],
                        "n_members": rows[0]["n_members"] if rows else 1, "flip_tta": flip,
+                       "grid_jitter": jitter,
                        "n_train": len(train), "n_val": len(val)}
     report["predictions"] = [
         {"participant_id": f"sub-{it.id}", "age": it.age,
@@ -93,6 +96,7 @@ def _evaluate_model(spec: str, args: argparse.Namespace, split: dict) -> dict:
          "error": round(float(r["predicted_age"] - it.age), 3),
          "member_predictions": [round(p, 3) for p in r["member_predictions"]],
          "mc_sd": round(float(r["mc_sd"]), 3), "member_sd": round(float(r["member_sd"]), 3),
+         "view_sd": round(float(r["view_sd"]), 3),
          "sd": round(float(r["sd"]), 3), "calibrated": r["calibrated"]}
         for it, r in zip(test_items, rows, strict=True)]
     if args.mc_samples > 1 and rows and rows[0]["calibrated"]:
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         val_age = np.array([it.age for it in val_items])
         flip = report["model"]["flip_tta"]
         val_pred, val_sd = ev.predict_items(model, val_items, mc_samples=args.mc_samples,
-                                            flip_tta=flip)
+                                            flip_tta=flip, jitter=report["model"]["grid_jitter"])
         sd = np.array([r["mc_sd"] for r in internal["rows"]])
         scale = ev.fit_uncertainty_scale(val_age, val_pred, val_sd)
         report["uncertainty_validation_fit"] = {

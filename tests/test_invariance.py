@@ -89,27 +89,14 @@ def test_intensity_scale_does_not_change_the_age(runs):
     assert abs(runs["scale"] - runs["orig"]) < TOLERANCE_Y, runs
 
 
-#: Measured moves of the default ixi-2mm-v2 that miss the 1-year goal (issue 13), on this head:
-#: offset -100 (int16) 1.03 years, 15-degree header rotation 2.66 years. These bounds catch a
-#: regression; they are not the goal, which the tests above and the model card state.
-KNOWN_MOVE_BOUND_Y = {"offset": 1.5, "rot": 3.5}
+#: Measured with ixi-2mm-v2 and its grid jitter (8 views): offset -0.44, scale -0.43, rotation
+#: -0.36 years on this head; without the jitter the offset moved it 1.03 years and the
+#: rotation 2.66 (docs/model-card.md).
+@pytest.mark.slow
+def test_intensity_offset_does_not_change_the_age(runs):
+    assert abs(runs["offset"] - runs["orig"]) < TOLERANCE_Y, runs
 
 
 @pytest.mark.slow
-def test_intensity_offset_moves_the_age_no_more_than_measured(runs):
-    assert abs(runs["offset"] - runs["orig"]) < KNOWN_MOVE_BOUND_Y["offset"], runs
-
-
-@pytest.mark.slow
-def test_header_rotation_moves_the_age_no_more_than_measured(runs):
-    assert abs(runs["rot"] - runs["orig"]) < KNOWN_MOVE_BOUND_Y["rot"], runs
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "known defect of the shipped ixi-2mm-v2 (and v1): the same brain resampled along a "
-    "15-degree rotated grid is interpolated differently and the prediction moves by 2.7 years "
-    "(v1: ~3); training-time rotation and low-resolution augmentation did not remove it. "
-    "strict: this fails as soon as the default model passes, so the marker goes"))
 def test_header_rotation_does_not_change_the_age(runs):
     assert abs(runs["rot"] - runs["orig"]) < TOLERANCE_Y, runs

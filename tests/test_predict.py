@@ -89,7 +89,7 @@ def test_mc_dropout_spread_and_repeatability(crop: np.ndarray) -> None:
     assert result["uncertainty_method"] == "mc-dropout"
     assert result["mc_sd"] > 0
     assert set(result) == {"predicted_age", "mc_mean", "mc_sd", "mc_samples",
-                           "uncertainty_method", "flip_tta"}
+                           "uncertainty_method", "flip_tta", "n_views", "view_sd"}
     again = predict_age(model, crop, mc_samples=7, seed=3, mc_batch_size=3)
     assert again == result
     other = predict_age(model, crop, mc_samples=7, seed=4, mc_batch_size=3)

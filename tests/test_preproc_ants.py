@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from brainage_bids.model.jitter import resample_views
 from brainage_bids.preproc import ants_backend
 from brainage_bids.preproc.qc import dice, registration_qc
+from brainage_bids.preproc.transforms import native_to_mni_ras
 from brainage_bids.templates import GRID_SHAPE, template_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,6 +162,26 @@ def test_transform_files_agree(ixi_run: dict) -> None:
         ants_backend.read_ants_affine(reg.out_transform)), atol=1e-5)
     moved = nib.affines.apply_affine(to_mni, centroid_mm(reg.out_mask_native))
     assert np.linalg.norm(moved - centroid_mm(reg.out_mask_mni)) < 2.0
+    # the torch-free reader used at prediction time agrees with antspyx's
+    assert np.allclose(native_to_mni_ras(reg.out_transform, "ants", reg.out_brain_native,
+                                         template_path("brain")), to_mni, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_unjittered_view_is_the_registered_brain(ixi_run: dict) -> None:
+    """Grid jitter's resampling with no offset reproduces antsApplyTransforms' brain_mni."""
+    reg = ixi_run["reg"]
+    native, mask = nib.load(reg.out_brain_native), nib.load(reg.out_mask_native)
+    template = nib.load(template_path("brain"))
+    to_mni = native_to_mni_ras(reg.out_transform, "ants", reg.out_brain_native,
+                               template_path("brain"))
+    brains, masks = resample_views(native.get_fdata(), mask.get_fdata() > 0, native.affine,
+                                   to_mni, template.affine, template.shape, np.zeros((1, 3)))
+    expected = nib.load(reg.out_brain_mni).get_fdata()
+    expected_mask = nib.load(reg.out_mask_mni).get_fdata() > 0
+    assert (masks[0] == expected_mask).mean() > 0.9999
+    inside = masks[0] & expected_mask
+    assert np.abs(brains[0][inside] - expected[inside]).max() < 1e-3 * expected.max()
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@ def test_participant_writes_every_derivative(participant_run):
         "sub-IXI012_space-MNI152NLin6Asym_res-2_desc-preproc_T1w.nii.gz",
         "sub-IXI012_space-MNI152NLin6Asym_res-2_desc-brain_mask.nii.gz",
         "sub-IXI012_desc-brain_mask.nii.gz",
+        "sub-IXI012_desc-preproc_T1w.nii.gz",
         "sub-IXI012_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.mat",
         "sub-IXI012_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.json",
         "sub-IXI012_space-MNI152NLin6Asym_res-2_desc-gradcam_saliency.nii.gz",
@@ -46,7 +47,7 @@ def test_participant_writes_every_derivative(participant_run):
     preproc = nib.load(anat / expected[0])
     assert preproc.shape == (91, 109, 91)
     assert np.allclose(np.diag(preproc.affine)[:3], [2, 2, 2])
-    gradcam = nib.load(anat / expected[5])
+    gradcam = nib.load(anat / expected[6])
     assert gradcam.shape == (91, 109, 91, 7)
     assert not list(out.rglob(".*.tmp*")), "temporary files left behind"
     description = read_json(out / "dataset_description.json")

@@ -67,7 +67,8 @@ def test_backend_resolution(monkeypatch):
 def test_preproc_wf_exposes_the_model_inputs(backend):
     wf = init_t1w_preproc_wf(backend=backend, omp_nthreads=2)
     outputs = set(wf.outputs.outputnode.get())
-    assert {"brain_mni", "mask_mni", "mask_native", "transform", "qc_file"} <= outputs
+    assert {"brain_mni", "mask_mni", "mask_native", "brain_native", "transform",
+            "qc_file"} <= outputs
     assert "validate" in wf.list_node_names()
 
 

@@ -27,6 +27,9 @@ class _PredictInputSpec(BaseInterfaceInputSpec):
     brain_mni = File(exists=True, mandatory=True, desc="skull-stripped T1w, MNI 2 mm grid")
     mask_mni = File(exists=True, mandatory=True, desc="brain mask on the same grid")
     qc_file = File(exists=True, desc="registration QC (JSON)")
+    brain_native = File(exists=True, desc="skull-stripped T1w on the input grid (grid jitter)")
+    mask_native = File(exists=True, desc="its brain mask (grid jitter)")
+    transform = File(exists=True, desc="the backend's native -> MNI affine (grid jitter)")
     model = traits.Str("default", usedefault=True, desc="model name or path")
     device = traits.Enum("auto", "cpu", "cuda", usedefault=True)
     mc_samples = traits.Int(20, usedefault=True, desc="Monte-Carlo dropout samples")
@@ -60,6 +63,8 @@ def _uncertainty(pred: dict, card: dict) -> dict:
         "samples": pred["mc_samples"],
         "n_members": pred.get("n_members", 1),
         "flip_tta": pred.get("flip_tta", False),
+        "grid_jitter_views": pred.get("n_views", 1) - 1,
+        "view_sd": round(float(pred.get("view_sd", 0.0)), 3),
         "mc_mean": round(float(pred["mc_mean"]), 3),
         "mc_sd": round(float(pred["mc_sd"]), 3),
         "member_sd": round(float(pred.get("member_sd", 0.0)), 3),
@@ -84,6 +89,7 @@ class PredictBrainAge(SimpleInterface):
         from brainage_bids.metrics import apply_bias
         from brainage_bids.model.ensemble import members_of
         from brainage_bids.model.intensity import normalise_intensity
+        from brainage_bids.model.jitter import jitter_settings, jitter_views
         from brainage_bids.model.predict import predict_brain_age, resolve_device
         from brainage_bids.model.weights import load_model
 
@@ -93,11 +99,17 @@ class PredictBrainAge(SimpleInterface):
         brain = nib.load(self.inputs.brain_mni)
         mask = np.asanyarray(nib.load(self.inputs.mask_mni).dataobj) > 0
         volume = normalise_intensity(np.asanyarray(brain.dataobj), mask)
+        source = dict(self.inputs.source)
+        jitter = jitter_settings(card)
+        natives = (self.inputs.brain_native, self.inputs.mask_native, self.inputs.transform)
+        views = []
+        if jitter is not None and all(isdefined(x) for x in natives):
+            views = jitter_views(*natives, source.get("backend"), jitter)
         pred = predict_brain_age(model, volume, mc_samples=self.inputs.mc_samples,
                                  seed=self.inputs.seed, device=device,
-                                 flip_tta=bool((card.get("inference") or {}).get("flip_tta")))
+                                 flip_tta=bool((card.get("inference") or {}).get("flip_tta")),
+                                 views=views)
 
-        source = dict(self.inputs.source)
         age = source.get("age")
         predicted = float(pred["predicted_age"])
         record = {

@@ -8,7 +8,7 @@ network. Nothing here imports nipype or pybids.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -113,7 +113,8 @@ def _split_at_dropout(model: nn.Module) -> tuple[Callable, Callable] | None:
 
 def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_samples: int = 20,
                 seed: int = 0, device: str | torch.device = "cpu",
-                mc_batch_size: int = 4, flip_tta: bool = False) -> dict:
+                mc_batch_size: int = 4, flip_tta: bool = False,
+                views: Sequence[torch.Tensor | np.ndarray] = ()) -> dict:
     """Brain age of one normalised volume, with a Monte-Carlo-dropout uncertainty.
 
     Parameters
@@ -142,14 +143,20 @@ def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_sampl
         Test-time augmentation: every pass (the deterministic one and each MC sample) is the
         mean over the volume and its left-right mirror (first axis, x in RAS). The model was
         trained with random left-right flips, so both views are in its training distribution.
+    views:
+        More normalised volumes of the same brain (grid-jitter test-time augmentation,
+        :mod:`brainage_bids.model.jitter`): the deterministic prediction is the mean over
+        ``volume`` and every view (each with its mirror under ``flip_tta``), computed
+        ``mc_batch_size`` at a time. MC dropout runs on ``volume`` alone.
 
     Returns
     -------
     dict
         ``predicted_age`` (deterministic, dropout off: the number to report), ``mc_mean``,
-        ``mc_sd`` (sample SD, ``ddof=1``; 0.0 for a single sample), ``mc_samples`` and
-        ``uncertainty_method`` (``"mc-dropout"``, or ``"none"`` if the model has no active
-        dropout, in which case ``mc_sd`` is 0 and means nothing).
+        ``mc_sd`` (sample SD, ``ddof=1``; 0.0 for a single sample), ``mc_samples``,
+        ``n_views`` (1 + len(views)), ``view_sd`` (SD of the views' predictions; 0.0 for one
+        view) and ``uncertainty_method`` (``"mc-dropout"``, or ``"none"`` if the model has no
+        active dropout, in which case ``mc_sd`` is 0 and means nothing).
     """
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
@@ -158,7 +165,7 @@ def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_sampl
     device = resolve_device(device)
     # channels-last-3d is oneDNN's fast layout for these few-channel 3D convolutions
     batch = as_batch(volume)
-    views = 2 if flip_tta else 1
+    mirrors = 2 if flip_tta else 1
     if flip_tta:
         batch = torch.cat([batch, batch.flip(2)])
     batch = batch.to(device).contiguous(memory_format=torch.channels_last_3d)
@@ -177,7 +184,16 @@ def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_sampl
             stochastic, repeated = head, features
         else:
             stochastic, repeated = model, batch
-        predicted = float(_ages(stochastic, repeated).mean())
+        view_ages = [float(_ages(stochastic, repeated).mean())]
+        for start in range(0, len(views), mc_batch_size):
+            chunk = torch.cat([as_batch(v) for v in views[start:start + mc_batch_size]])
+            size = chunk.shape[0]
+            if flip_tta:
+                chunk = torch.cat([chunk, chunk.flip(2)])
+            chunk = chunk.to(device).contiguous(memory_format=torch.channels_last_3d)
+            ages = _ages(model, chunk).reshape(mirrors, size).mean(0)
+            view_ages += [float(a) for a in ages.cpu()]
+        predicted = float(np.mean(view_ages))
         for module in dropouts:
             module.train()
         fork_devices = ([torch.cuda.current_device() if device.index is None else device.index]
@@ -187,11 +203,11 @@ def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_sampl
             samples = []
             for start in range(0, mc_samples, mc_batch_size):
                 size = min(mc_batch_size, mc_samples - start)
-                if views == 1:
+                if mirrors == 1:
                     copies = repeated.expand(size, *repeated.shape[1:])
-                else:  # sample-major: each sample's views are adjacent
+                else:  # sample-major: each sample's two mirrors are adjacent
                     copies = repeated.repeat(size, *([1] * (repeated.ndim - 1)))
-                samples.append(_ages(stochastic, copies).reshape(size, views).mean(1).cpu())
+                samples.append(_ages(stochastic, copies).reshape(size, mirrors).mean(1).cpu())
     draws = torch.cat(samples).numpy()
     return {
         "predicted_age": predicted,
@@ -200,12 +216,15 @@ def predict_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *, mc_sampl
         "mc_samples": int(mc_samples),
         "uncertainty_method": UNCERTAINTY_METHOD if dropouts else "none",
         "flip_tta": bool(flip_tta),
+        "n_views": len(view_ages),
+        "view_sd": float(np.std(view_ages, ddof=1)) if len(view_ages) > 1 else 0.0,
     }
 
 
 def predict_brain_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *,
                       mc_samples: int = 20, seed: int = 0, device: str | torch.device = "cpu",
-                      flip_tta: bool = False) -> dict:
+                      flip_tta: bool = False,
+                      views: Sequence[torch.Tensor | np.ndarray] = ()) -> dict:
     """Brain age of one normalised volume from a single model or an ensemble.
 
     Each member runs :func:`predict_age` (MC dropout, optional flip TTA; member ``i`` with
@@ -214,13 +233,15 @@ def predict_brain_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *,
     ``mc_sd`` pools the members' MC-dropout SDs (root mean square), ``member_sd`` is the SD
     of the members' predictions (0 for one model), and ``raw_sd`` combines them as
     independent variances, ``sqrt(mc_sd**2 + member_sd**2)``: the spread before any
-    calibration to years (see :mod:`brainage_bids.model.uncertainty`).
+    calibration to years (see :mod:`brainage_bids.model.uncertainty`). ``views`` (grid-jitter
+    views of the same brain) go to every member; ``view_sd`` pools the members' spreads over
+    them (root mean square).
     """
     from brainage_bids.model.ensemble import members_of
 
     members = members_of(model)
     results = [predict_age(member, volume, mc_samples=mc_samples, seed=seed + index,
-                           device=device, flip_tta=flip_tta)
+                           device=device, flip_tta=flip_tta, views=views)
                for index, member in enumerate(members)]
     preds = np.array([r["predicted_age"] for r in results], dtype=np.float64)
     mc_sd = float(np.sqrt(np.mean([r["mc_sd"] ** 2 for r in results])))
@@ -240,4 +261,6 @@ def predict_brain_age(model: nn.Module, volume: torch.Tensor | np.ndarray, *,
         "n_members": len(members),
         "uncertainty_method": method,
         "flip_tta": bool(flip_tta),
+        "n_views": int(results[0]["n_views"]),
+        "view_sd": float(np.sqrt(np.mean([r["view_sd"] ** 2 for r in results]))),
     }

@@ -30,6 +30,7 @@ PREPROC_OUTPUTS: tuple[tuple[str, str, str, dict[str, str]], ...] = (
     ("brain_mni", "ds_preproc", "T1w", {**MNI, "desc": "preproc"}),
     ("mask_mni", "ds_mask_mni", "mask", {**MNI, "desc": "brain"}),
     ("mask_native", "ds_mask_native", "mask", {"desc": "brain"}),
+    ("brain_native", "ds_preproc_native", "T1w", {"desc": "preproc"}),
     ("transform", "ds_transform", "xfm",
      {"from": "T1w", "to": TEMPLATE, "mode": "image"}),
 )

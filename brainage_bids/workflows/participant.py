@@ -37,6 +37,7 @@ def init_single_t1w_wf(*, image: T1wImage, bids_dir: Path, output_dir: Path, bac
         (preproc, sinks, [("outputnode.brain_mni", "inputnode.brain_mni"),
                           ("outputnode.mask_mni", "inputnode.mask_mni"),
                           ("outputnode.mask_native", "inputnode.mask_native"),
+                          ("outputnode.brain_native", "inputnode.brain_native"),
                           ("outputnode.transform", "inputnode.transform")]),
     ]
     if model is not None:
@@ -55,6 +56,9 @@ def init_single_t1w_wf(*, image: T1wImage, bids_dir: Path, output_dir: Path, bac
         edges += [
             (preproc, predict, [("outputnode.brain_mni", "brain_mni"),
                                 ("outputnode.mask_mni", "mask_mni"),
+                                ("outputnode.brain_native", "brain_native"),
+                                ("outputnode.mask_native", "mask_native"),
+                                ("outputnode.transform", "transform"),
                                 ("outputnode.qc_file", "qc_file")]),
             (predict, sinks, [("out_record", "inputnode.record")]),
         ]

@@ -1,7 +1,8 @@
 """T1w preprocessing: validate, reorient, (bias-correct,) skull-strip, affine to MNI 2 mm.
 
 Two backends give the same outputs (``outputnode``):
-``brain_mni`` (91x109x91 skull-stripped T1w), ``mask_mni``, ``mask_native``, ``transform``
+``brain_mni`` (91x109x91 skull-stripped T1w), ``mask_mni``, ``mask_native``, ``brain_native``
+(the skull-stripped T1w on the input grid, the image that was registered), ``transform``
 (native -> MNI affine, in the backend's own format) and ``qc_file`` (registration QC JSON).
 """
 
@@ -23,7 +24,8 @@ TRANSFORM_FORMATS = {
 }
 #: ITK threads of the ANTs backend's nodes: one, so that a rerun gives the same numbers.
 ANTS_THREADS = 1
-OUTPUT_FIELDS = ["brain_mni", "mask_mni", "mask_native", "transform", "qc_file", "t1w_info"]
+OUTPUT_FIELDS = ["brain_mni", "mask_mni", "mask_native", "brain_native", "transform",
+                 "qc_file", "t1w_info"]
 
 
 class BackendError(RuntimeError):
@@ -68,6 +70,7 @@ def init_t1w_preproc_wf(*, backend: str, omp_nthreads: int,
         (register, outputnode, [("outputnode.brain_mni", "brain_mni"),
                                 ("outputnode.mask_mni", "mask_mni"),
                                 ("outputnode.mask_native", "mask_native"),
+                                ("outputnode.brain_native", "brain_native"),
                                 ("outputnode.transform", "transform")]),
         (qc, outputnode, [("out_qc", "qc_file")]),
     ])
@@ -81,7 +84,8 @@ def init_ants_wf(*, omp_nthreads: int, name: str = "ants_wf") -> pe.Workflow:
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
-        fields=["brain_mni", "mask_mni", "mask_native", "transform"]), name="outputnode")
+        fields=["brain_mni", "mask_mni", "mask_native", "brain_native", "transform"]),
+        name="outputnode")
     # One ITK thread, whatever omp_nthreads says: with more, ITK sums the metric in a
     # varying order, the affine moves by ~0.1 mm from run to run and the predicted age by up
     # to a year. Parallelism comes from running several images at once (--nprocs).
@@ -95,6 +99,7 @@ def init_ants_wf(*, omp_nthreads: int, name: str = "ants_wf") -> pe.Workflow:
         (register, outputnode, [("out_brain_mni", "brain_mni"),
                                 ("out_mask_mni", "mask_mni"),
                                 ("out_mask_native", "mask_native"),
+                                ("out_brain_native", "brain_native"),
                                 ("out_transform", "transform")]),
     ])
     return workflow
@@ -112,7 +117,8 @@ def init_fsl_wf(*, omp_nthreads: int, name: str = "fsl_wf") -> pe.Workflow:
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
-        fields=["brain_mni", "mask_mni", "mask_native", "transform"]), name="outputnode")
+        fields=["brain_mni", "mask_mni", "mask_native", "brain_native", "transform"]),
+        name="outputnode")
     bet = pe.Node(fsl.BET(frac=0.5, robust=True, mask=True, output_type="NIFTI_GZ"),
                   name="bet")
     flirt = pe.Node(fsl.FLIRT(reference=str(template_path("brain")), dof=12,
@@ -129,7 +135,7 @@ def init_fsl_wf(*, omp_nthreads: int, name: str = "fsl_wf") -> pe.Workflow:
         (bet, mask_to_mni, [("mask_file", "in_file")]),
         (flirt, mask_to_mni, [("out_matrix_file", "in_matrix_file")]),
         (flirt, outputnode, [("out_file", "brain_mni"), ("out_matrix_file", "transform")]),
-        (bet, outputnode, [("mask_file", "mask_native")]),
+        (bet, outputnode, [("mask_file", "mask_native"), ("out_file", "brain_native")]),
         (mask_to_mni, outputnode, [("out_file", "mask_mni")]),
     ])
     return workflow

@@ -1,0 +1,76 @@
+"""Each backend's native -> MNI affine as one 4x4 matrix in world (RAS mm) coordinates.
+
+The ANTs backend stores an ITK ``.mat`` (template LPS point -> input LPS point), the FSL one a
+FLIRT matrix (input FSL coordinates -> template FSL coordinates). Grid-jitter inference
+(:mod:`brainage_bids.model.jitter`) needs the map from input points to template points in mm,
+whichever backend made it; this module reads both without importing antspyx or FSL.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def read_itk_affine(path: str | os.PathLike[str]) -> np.ndarray:
+    """4x4 of an ITK affine ``.mat`` (MATLAB v4, as antsRegistration writes it), in LPS:
+    fixed-space point -> moving-space point."""
+    from scipy.io import loadmat
+
+    data = loadmat(os.fspath(path))
+    key = next((k for k in data if k.startswith(("AffineTransform_", "MatrixOffsetTransform"))),
+               None)
+    if key is None or "fixed" not in data:
+        raise ValueError(f"{Path(path).name}: not an ITK affine transform file")
+    params = np.asarray(data[key], dtype=float).ravel()
+    centre = np.asarray(data["fixed"], dtype=float).ravel()
+    matrix = params[:9].reshape(3, 3)
+    out = np.eye(4)
+    out[:3, :3] = matrix
+    out[:3, 3] = params[9:12] + centre - matrix @ centre
+    return out
+
+
+def itk_to_ras(fixed_to_moving_lps: np.ndarray) -> np.ndarray:
+    """ANTs' template -> input (LPS) affine as the input -> template map in RAS mm."""
+    return np.linalg.inv(_RAS_TO_LPS @ fixed_to_moving_lps @ _RAS_TO_LPS)
+
+
+def fsl_coordinates(img: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """Voxel -> FSL coordinates: voxels scaled by their size, x mirrored when the voxel-to-world
+    affine has a positive determinant (FSL's radiological convention; Jenkinson's
+    FLIRT coordinate notes, as in Ridgway's flirtmat2worldmat)."""
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    out = np.diag([*zooms, 1.0])
+    if np.linalg.det(img.affine[:3, :3]) > 0:
+        out[0, 0] = -zooms[0]
+        out[0, 3] = (img.shape[0] - 1) * zooms[0]
+    return out
+
+
+def flirt_to_ras(flirt: np.ndarray, in_img: nib.spatialimages.SpatialImage,
+                 ref_img: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """A FLIRT matrix (``-in`` -> ``-ref``) as the input -> reference map in world mm."""
+    return (ref_img.affine @ np.linalg.inv(fsl_coordinates(ref_img)) @ np.asarray(flirt)
+            @ fsl_coordinates(in_img) @ np.linalg.inv(in_img.affine))
+
+
+def native_to_mni_ras(transform: str | os.PathLike[str], backend: str,
+                      native: str | os.PathLike[str], reference: str | os.PathLike[str],
+                      ) -> np.ndarray:
+    """The ``backend``'s saved transform as input -> template world mm (4x4).
+
+    ``native`` is the image the backend registered (its grid defines FLIRT's coordinates),
+    ``reference`` the template it registered to.
+    """
+    if backend == "ants":
+        return itk_to_ras(read_itk_affine(transform))
+    if backend == "fsl":
+        return flirt_to_ras(np.loadtxt(os.fspath(transform)), nib.load(os.fspath(native)),
+                            nib.load(os.fspath(reference)))
+    raise ValueError(f"unknown preprocessing backend {backend!r}")
