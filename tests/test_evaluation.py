@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -102,6 +103,33 @@ def test_missing_preprocessing_is_named(tmp_path):
     (bids / "participants.tsv").write_text("participant_id\tage\nsub-01\t40\nsub-02\tn/a\n")
     with pytest.raises(ValueError, match=r"sub-01: not preprocessed.*sub-02: no age"):
         ev.preprocessed_items(tmp_path / "out", bids, ["01", "sub-02"])
+
+
+def test_native_outputs_are_found_and_required_for_grid_jitter(tmp_path):
+    """Derivatives with the native brain, mask and transform give grid-jitter inputs; older
+    derivatives without them are refused by name, never silently predicted without it."""
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    (bids / "participants.tsv").write_text("participant_id\tage\nsub-01\t40\n")
+    anat = tmp_path / "out" / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
+    mni = "sub-01_space-MNI152NLin6Asym_res-2_desc-"
+    for name in (f"{mni}preproc_T1w", f"{mni}brain_mask"):
+        nib.save(img, anat / f"{name}.nii.gz")
+    [item] = ev.preprocessed_items(tmp_path / "out", bids, ["01"])
+    assert item.native is None
+    with pytest.raises(ValueError, match="sub-01: grid jitter needs the native brain"):
+        ev.predict_records(None, [item], jitter={"n": 2, "max_mm": 1.0, "seed": 0})
+    for name in ("sub-01_desc-preproc_T1w", "sub-01_desc-brain_mask"):
+        nib.save(img, anat / f"{name}.nii.gz")
+    xfm = anat / "sub-01_from-T1w_to-MNI152NLin6Asym_mode-image_xfm"
+    xfm.with_suffix(".mat").write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    xfm.with_suffix(".json").write_text(json.dumps({"Software": "FSL flirt"}))
+    [item] = ev.preprocessed_items(tmp_path / "out", bids, ["01"])
+    assert item.native == (str(anat / "sub-01_desc-preproc_T1w.nii.gz"),
+                           str(anat / "sub-01_desc-brain_mask.nii.gz"),
+                           str(xfm.with_suffix(".mat")), "fsl")
 
 
 def test_scatter_plot_is_an_svg_with_the_metrics(tmp_path):

@@ -56,20 +56,20 @@ def resample_views(native: np.ndarray, native_mask: np.ndarray, native_affine: n
     world = ijk @ ref_affine[:3, :3].T + ref_affine[:3, 3]
     to_native = np.linalg.inv(native_affine) @ np.linalg.inv(native_to_ref)
     size = np.asarray(native.shape[:3], dtype=np.float64)
-    grids = []
-    for offset in offsets:
+    source = torch.from_numpy(np.stack([np.asarray(native, dtype=np.float32),
+                                        np.asarray(native_mask, dtype=np.float32)]))[None]
+    views = []
+    for offset in offsets:  # one view at a time: a 1 mm head is 2 x 67 MB, copies add up
         points = (world + offset) @ to_native[:3, :3].T + to_native[:3, 3]
         # grid_sample's last axis is (W, H, D) = (k, j, i), normalised so -1 and 1 are the
         # centres of the first and last voxels (align_corners=True)
         normalised = 2.0 * points / np.maximum(size - 1, 1) - 1.0
-        grids.append(normalised[:, ::-1].reshape(*ref_shape, 3))
-    grid = torch.from_numpy(np.ascontiguousarray(np.stack(grids), dtype=np.float32))
-    source = torch.from_numpy(np.stack([np.asarray(native, dtype=np.float32),
-                                        np.asarray(native_mask, dtype=np.float32)]))
-    source = source[None].expand(len(offsets), -1, -1, -1, -1)
-    with torch.inference_mode():
-        out = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros",
-                            align_corners=True).numpy()
+        grid = torch.from_numpy(np.ascontiguousarray(
+            normalised[:, ::-1].reshape(1, *ref_shape, 3), dtype=np.float32))
+        with torch.inference_mode():
+            views.append(F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros",
+                                       align_corners=True)[0].numpy())
+    out = np.stack(views) if views else np.zeros((0, 2, *ref_shape), np.float32)
     masks = out[:, 1] > 0.5
     return np.where(masks, out[:, 0], 0.0).astype(np.float32), masks
 
