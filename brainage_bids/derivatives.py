@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from brainage_bids.bids import ENTITY_KEYS, ENTITY_ORDER, OUTPUT_ENTITIES
+from brainage_bids.templates import TEMPLATE
 
 #: ``qc_pass`` values in the group table (TSV has no boolean type); the group level writes
 #: them and the reports read them, so they live here rather than in either.
@@ -61,3 +63,35 @@ def figure_path(output_dir: Path, source: dict[str, Any], *, desc: str,
     folder = report_path(output_dir, str(source["subject"])).with_suffix("") / "figures"
     return folder / derivative_name(source, suffix="T1w", extension=".png", desc=desc,
                                     **entities)
+
+
+XFM_ENTITIES = {"suffix": "xfm", "from": "T1w", "to": TEMPLATE, "mode": "image"}
+
+
+def transform_backend(output_dir: Path, entities: dict[str, Any]) -> str:
+    """The preprocessing backend (``ants`` or ``fsl``) recorded in an image's transform
+    sidecar (its ``Software``, see ``workflows.preproc.TRANSFORM_FORMATS``), else
+    ``unknown``."""
+    sidecar = derivative_path(output_dir, entities, extension=".json", **XFM_ENTITIES)
+    try:
+        software = json.loads(sidecar.read_text()).get("Software", "")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return "unknown"
+    if not isinstance(software, str) or not software:
+        return "unknown"
+    return "fsl" if "FSL" in software else "ants"
+
+
+def native_outputs(output_dir: Path,
+                   entities: dict[str, Any]) -> tuple[str, str, str, str] | None:
+    """``(brain, mask, transform, backend)`` the participant level wrote on the input grid for
+    one image, or None when any is missing (derivatives of an older version)."""
+    brain = derivative_path(output_dir, entities, suffix="T1w", extension=".nii.gz",
+                            desc="preproc")
+    mask = derivative_path(output_dir, entities, suffix="mask", extension=".nii.gz",
+                           desc="brain")
+    transform = derivative_path(output_dir, entities, extension=".mat", **XFM_ENTITIES)
+    backend = transform_backend(output_dir, entities)
+    if backend == "unknown" or not all(p.is_file() for p in (brain, mask, transform)):
+        return None
+    return str(brain), str(mask), str(transform), backend

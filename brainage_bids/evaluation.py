@@ -38,33 +38,6 @@ class EvalItem:
     native: tuple[str, str, str, str] | None = None
 
 
-#: How the transform's sidecar names each preprocessing backend's software.
-_BACKEND_OF_SOFTWARE = {"ANTs": "ants", "FSL flirt": "fsl"}
-
-
-def native_outputs(output_dir: Path, entities: dict[str, Any]) -> tuple[str, str, str, str] | None:
-    """``(brain, mask, transform, backend)`` the participant level wrote on the input grid for
-    one image, or None when any is missing (derivatives of an older version)."""
-    from brainage_bids.derivatives import derivative_path
-    from brainage_bids.templates import TEMPLATE
-
-    brain = derivative_path(output_dir, entities, suffix="T1w", extension=".nii.gz",
-                            desc="preproc")
-    mask = derivative_path(output_dir, entities, suffix="mask", extension=".nii.gz",
-                           desc="brain")
-    xfm = {"suffix": "xfm", "from": "T1w", "to": TEMPLATE, "mode": "image"}
-    transform = derivative_path(output_dir, entities, extension=".mat", **xfm)
-    sidecar = derivative_path(output_dir, entities, extension=".json", **xfm)
-    if not all(p.is_file() for p in (brain, mask, transform, sidecar)):
-        return None
-    try:
-        software = json.loads(sidecar.read_text()).get("Software")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-    backend = _BACKEND_OF_SOFTWARE.get(software)
-    return None if backend is None else (str(brain), str(mask), str(transform), backend)
-
-
 def preprocessed_items(output_dir: str | Path, bids_dir: str | Path,
                        subjects: Iterable[str]) -> list[EvalItem]:
     """The participant level's model inputs (``desc-preproc`` T1w and brain mask) by subject.
@@ -74,7 +47,7 @@ def preprocessed_items(output_dir: str | Path, bids_dir: str | Path,
     knowingly, but it would change the numbers.
     """
     from brainage_bids.bids import read_ages
-    from brainage_bids.derivatives import derivative_path
+    from brainage_bids.derivatives import derivative_path, native_outputs
     from brainage_bids.training import MASK, PREPROC
 
     ages = read_ages(Path(bids_dir))

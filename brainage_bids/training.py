@@ -18,7 +18,7 @@ from pathlib import Path
 
 from brainage_bids.bids import T1wImage
 from brainage_bids.config import Settings
-from brainage_bids.derivatives import derivative_path
+from brainage_bids.derivatives import derivative_path, native_outputs, transform_backend
 from brainage_bids.templates import TEMPLATE
 
 LOG = logging.getLogger(__name__)
@@ -98,18 +98,6 @@ def ensure_preprocessed(settings: Settings, images: list[T1wImage],
     return done, failures
 
 
-def _backend_of(settings: Settings, image: T1wImage) -> str:
-    """The preprocessing backend recorded in the transform's sidecar (``ants`` or ``fsl``)."""
-    sidecar = derivative_path(settings.output_dir, image.entities, suffix="xfm",
-                              extension=".json",
-                              **{"from": "T1w", "to": TEMPLATE, "mode": "image"})
-    try:
-        software = json.loads(sidecar.read_text()).get("Software", "")
-    except (OSError, json.JSONDecodeError):
-        return "unknown"
-    return "fsl" if "FSL" in software else "ants"
-
-
 def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Callable) -> dict:
     """Preprocess where needed, then train; returns the model card."""
     from brainage_bids.model.train import train_model
@@ -153,7 +141,8 @@ def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Call
     for image in usable:
         brain, mask = preprocessed_paths(settings.output_dir, image)
         items.append(TrainItem(id=image.name, image=str(brain), mask=str(mask),
-                               age=float(image.age), group=image.subject))
+                               age=float(image.age), group=image.subject,
+                               native=native_outputs(settings.output_dir, image.entities)))
     # grouped by participant: no one's sessions straddle the train/validation split
     train, val = split_stratified(items, settings.val_fraction, settings.seed)
     name = settings.model_name or default_model_name(settings.bids_dir)
@@ -165,7 +154,7 @@ def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Call
         # one training process: it gets every CPU the run was given, not one worker's share
         num_threads=settings.nprocs, val_fraction=settings.val_fraction,
         model_name=name)
-    backends = sorted({_backend_of(settings, im) for im in usable})
+    backends = sorted({transform_backend(settings.output_dir, im.entities) for im in usable})
     card_extra = {
         "training_data": {
             "name": _dataset_name(settings.bids_dir),

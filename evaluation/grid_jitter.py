@@ -140,7 +140,8 @@ def _card_with_jitter(card: dict, results: dict, jitter: dict) -> dict:
     new.pop("weights_path", None)  # added by load_model, not part of the stored card
     res, before = results["with"], results["without"]
     new["inference"][GRID_JITTER_KEY] = {
-        **jitter, "chosen_by": "out-of-fold MAE with and without it (evaluation/grid_jitter.py)",
+        **jitter, "chosen_by": ("for invariance to how a head is stored, not for accuracy; "
+                                "measured out of fold by evaluation/grid_jitter.py"),
         "oof_mae_without": before["mae"], "oof_mae_with": res["mae"]}
     report = res["_report"]
     validation = {**new["cross_validation"], **report["uncorrected"],

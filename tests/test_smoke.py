@@ -62,6 +62,7 @@ def test_record_contents(participant_run):
     assert record["brain_age_gap"] == pytest.approx(
         record["predicted_age"] - 38.78, abs=1e-2)
     assert record["uncertainty"]["method"] == "ensemble+mc-dropout"
+    assert record["uncertainty"]["grid_jitter_views"] == 8
     assert record["uncertainty"]["samples"] == 4
     assert record["model"]["n_members"] == 5 and len(record["member_predictions"]) == 5
     from brainage_bids.model.weights import registry
@@ -244,6 +245,10 @@ def test_train_level_folds_on_real_heads(tmp_path):
     assert len(oof) == 1 + 6
     assert sorted(r.split("\t")[1] for r in oof[1:]) == sorted(labels)
     assert all((models / f"ens-m{i}_metrics.tsv").is_file() for i in range(3))
+    # the derivatives hold the native brain, so the OOF predictions and the card use grid jitter
+    jitter = card["inference"]["grid_jitter"]
+    assert jitter["n"] == 8 and {"oof_mae_with", "oof_mae_without"} <= set(jitter)
+    assert card["validation"]["mae"] == pytest.approx(jitter["oof_mae_with"])
     assert main([str(ixi), str(out), "participant", "--participant-label", "IXI012",
                  "-w", work, "--model", str(models), "--mc-samples", "2",
                  "--no-reports"]) == 0
@@ -252,3 +257,4 @@ def test_train_level_folds_on_real_heads(tmp_path):
     assert record["predicted_age"] == pytest.approx(
         sum(record["member_predictions"]) / 3, abs=2e-3)
     assert record["uncertainty"]["method"] == "ensemble+mc-dropout"
+    assert record["uncertainty"]["grid_jitter_views"] == 8

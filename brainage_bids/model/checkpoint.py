@@ -64,8 +64,15 @@ def _digest(obj: Any) -> str:
 
 
 def items_digest(train: Sequence[TrainItem], val: Sequence[TrainItem]) -> str:
-    """Digest of both splits, in order: a resume must see the same images."""
-    return _digest([[dataclasses.asdict(i) for i in train], [dataclasses.asdict(i) for i in val]])
+    """Digest of both splits, in order: a resume must see the same images.
+
+    ``native`` (the grid-jitter inputs of the out-of-fold predictions) is left out: training
+    never reads it, and a run started before it existed must still resume.
+    """
+    def fields(item: TrainItem) -> dict:
+        return {k: v for k, v in dataclasses.asdict(item).items() if k != "native"}
+
+    return _digest([[fields(i) for i in train], [fields(i) for i in val]])
 
 
 _RUNTIME_ONLY = ("device", "num_threads", "prefetch", "patience", "model_name", "tune_malloc")

@@ -166,7 +166,9 @@ def _held_out_predictions(plans: Sequence[MemberPlan], members: Sequence[Any],
 
     from brainage_bids.model.data import read_volume
     from brainage_bids.model.ensemble import BrainAgeEnsemble
+    from brainage_bids.model.jitter import DEFAULT_GRID_JITTER, jitter_views
     from brainage_bids.model.predict import predict_brain_age
+    from brainage_bids.templates import GRID_SHAPE
 
     by_fold: dict[int, list[int]] = {}
     for plan in plans:
@@ -190,35 +192,52 @@ def _held_out_predictions(plans: Sequence[MemberPlan], members: Sequence[Any],
                          for tta in (False, True)}
                 rows[item.id] = {"item": item, "fold": fold, **{
                     ("tta" if tta else "plain"): pred for tta, pred in views.items()}}
+                # grid jitter, with and without the flip, where the views fit the model input
+                if item.native is not None and tuple(config.input_shape) == GRID_SHAPE:
+                    grid = jitter_views(*item.native, DEFAULT_GRID_JITTER)
+                    for tta in (False, True):
+                        rows[item.id][f"{'tta' if tta else 'plain'}_jitter"] = predict_brain_age(
+                            fold_model, volume, mc_samples=mc_samples, seed=config.seed,
+                            flip_tta=tta, views=grid)
     finally:
         torch.set_num_threads(previous)
     return rows
 
 
-def _oof_table(rows: dict[str, dict[str, Any]], flip_tta: bool) -> str:
+def _oof_table(rows: dict[str, dict[str, Any]], flip_tta: bool, grid_jitter: bool) -> str:
     lines = ["\t".join(OOF_COLUMNS)]
+    suffix = "_jitter" if grid_jitter else ""
     for row in rows.values():
-        item, pred = row["item"], row["tta" if flip_tta else "plain"]
+        item, pred = row["item"], row[("tta" if flip_tta else "plain") + suffix]
         values = [item.id, item.group or item.id, f"{float(item.age):.2f}", str(row["fold"]),
                   f"{pred['predicted_age']:.3f}", f"{pred['predicted_age'] - item.age:.3f}",
                   f"{pred['mc_sd']:.3f}", f"{pred['member_sd']:.3f}",
-                  f"{row['plain']['predicted_age']:.3f}",
+                  f"{row['plain' + suffix]['predicted_age']:.3f}",
                   ",".join(f"{p:.3f}" for p in pred["member_predictions"])]
         lines.append("\t".join(values))
     return "\n".join(lines) + "\n"
 
 
 def _oof_summary(rows: dict[str, dict[str, Any]], seeds_per_fold: int) -> dict[str, Any]:
-    """Metrics with and without flip TTA, the choice, bias and uncertainty fits (all OOF)."""
+    """Metrics with and without flip TTA, the choice, bias and uncertainty fits (all OOF).
+
+    The flip is kept when it lowers the out-of-fold MAE. Grid jitter is on whenever every
+    image had its native outputs: it is there for invariance to how a head is stored (the
+    same head must get the same age), not for accuracy; both MAEs go in the card.
+    """
+    from brainage_bids.model.jitter import DEFAULT_GRID_JITTER
     from brainage_bids.model.uncertainty import coverage, fit_scale
 
     ages = np.array([float(r["item"].age) for r in rows.values()])
+    grid_jitter = all("plain_jitter" in r for r in rows.values())
+    keys = ("plain", "tta", "plain_jitter", "tta_jitter") if grid_jitter else ("plain", "tta")
     results = {}
-    for key in ("plain", "tta"):
+    for key in keys:
         pred = np.array([r[key]["predicted_age"] for r in rows.values()])
         results[key] = bias_report(ages, pred, errors="record")
     flip_tta = results["tta"]["uncorrected"]["mae"] < results["plain"]["uncorrected"]["mae"]
-    key = "tta" if flip_tta else "plain"
+    unjittered = "tta" if flip_tta else "plain"
+    key = f"{unjittered}_jitter" if grid_jitter else unjittered
     chosen = [r[key] for r in rows.values()]
     errors = np.array([p["predicted_age"] for p in chosen]) - ages
     scaled = "raw_sd" if seeds_per_fold > 1 else "mc_sd"
@@ -234,10 +253,17 @@ def _oof_summary(rows: dict[str, dict[str, Any]], seeds_per_fold: int) -> dict[s
         "note": ("the scale is fitted on the same out-of-fold predictions its coverage is "
                  "reported on; held-out coverage is in the evaluation"),
     }
+    jitter = None
+    if grid_jitter:
+        jitter = {**DEFAULT_GRID_JITTER,
+                  "chosen_by": ("on whenever every image has its native outputs: for "
+                                "invariance to how a head is stored, not for accuracy"),
+                  "oof_mae_without": results[unjittered]["uncorrected"]["mae"],
+                  "oof_mae_with": results[key]["uncorrected"]["mae"]}
     return {"flip_tta": bool(flip_tta), "report": results[key],
             "mae_without_tta": results["plain"]["uncorrected"]["mae"],
             "mae_with_tta": results["tta"]["uncorrected"]["mae"],
-            "uncertainty": uncertainty}
+            "grid_jitter": jitter, "uncertainty": uncertainty}
 
 
 def train_ensemble(config: TrainConfig, items: Sequence[TrainItem], out_dir: str | Path, *,
@@ -280,7 +306,8 @@ def train_ensemble(config: TrainConfig, items: Sequence[TrainItem], out_dir: str
     summary = _oof_summary(rows, seeds_per_fold)
     out_dir.mkdir(parents=True, exist_ok=True)
     oof_file = out_dir / f"{config.model_name}_oof.tsv"
-    atomic_write_text(oof_file, _oof_table(rows, summary["flip_tta"]))
+    atomic_write_text(oof_file, _oof_table(rows, summary["flip_tta"],
+                                           summary["grid_jitter"] is not None))
     for card in member_cards:
         for suffix in ("_metrics.tsv", "_curve.svg"):
             source = members_dir / f"{card['name']}{suffix}"
@@ -330,6 +357,8 @@ def _ensemble_card(config: TrainConfig, plans: Sequence[MemberPlan],
                   "corrected": report["corrected"], "file": oof_file,
                   "mae_without_flip_tta": summary["mae_without_tta"],
                   "mae_with_flip_tta": summary["mae_with_tta"]}
+    if summary["grid_jitter"]:
+        validation["mae_without_grid_jitter"] = summary["grid_jitter"]["oof_mae_without"]
     extra = {k: v for k, v in card_extra.items() if k != "training_data"}
     return json_safe({
         "name": config.model_name, "card_version": 2,
@@ -352,5 +381,7 @@ def _ensemble_card(config: TrainConfig, plans: Sequence[MemberPlan],
         "bias_correction": {"fitted_on": "out-of-fold predictions", **report["coefficients"]},
         "uncertainty": summary["uncertainty"],
         "inference": {"flip_tta": summary["flip_tta"],
-                      "flip_tta_chosen_by": "out-of-fold MAE with and without the flip"},
+                      "flip_tta_chosen_by": "out-of-fold MAE with and without the flip",
+                      **({"grid_jitter": summary["grid_jitter"]}
+                         if summary["grid_jitter"] else {})},
     })

@@ -36,7 +36,9 @@ class TrainItem:
     """One preprocessed image (91x109x91 MNI brain and its mask) with its age in years.
 
     ``group`` (e.g. the participant label) keeps several sessions of one participant in the
-    same split; empty means the item is its own group.
+    same split; empty means the item is its own group. ``native`` is ``(brain, mask,
+    transform, backend)`` on the input grid when the derivatives have them: an ensemble's
+    out-of-fold predictions then use grid jitter (:mod:`brainage_bids.model.jitter`).
     """
 
     id: str
@@ -44,6 +46,7 @@ class TrainItem:
     mask: str
     age: float
     group: str = ""
+    native: tuple[str, str, str, str] | None = None
 
 
 @dataclass(frozen=True)
