@@ -129,20 +129,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         ev.write_json(args.json, out)
     if args.write_card:
-        atomic_write_json(args.write_card, _card_with_jitter(card, results, jitter))
+        where = args.json.name if args.json else None
+        atomic_write_json(args.write_card, _card_with_jitter(card, results, jitter, where))
         print(f"wrote {args.write_card}", file=sys.stderr)
     return 0
 
 
-def _card_with_jitter(card: dict, results: dict, jitter: dict) -> dict:
-    """The card with the jitter on and its OOF fits (bias, uncertainty scale) redone."""
+def _card_with_jitter(card: dict, results: dict, jitter: dict, predictions: str | None) -> dict:
+    """The card with the jitter on and its OOF fits (bias, uncertainty scale) redone;
+    ``predictions`` names the file with every participant's prediction with and without."""
     new = copy.deepcopy(card)
     new.pop("weights_path", None)  # added by load_model, not part of the stored card
     res, before = results["with"], results["without"]
     new["inference"][GRID_JITTER_KEY] = {
         **jitter, "chosen_by": ("for invariance to how a head is stored, not for accuracy; "
                                 "measured out of fold by evaluation/grid_jitter.py"),
-        "oof_mae_without": before["mae"], "oof_mae_with": res["mae"]}
+        "oof_mae_without": before["mae"], "oof_mae_with": res["mae"],
+        **({"predictions_file": predictions} if predictions else {})}
     report = res["_report"]
     validation = {**new["cross_validation"], **report["uncorrected"],
                   "corrected": report["corrected"], "mae_without_grid_jitter": before["mae"]}
