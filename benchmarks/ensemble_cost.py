@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                       lambda r, v, res: print(f"  run {r + 1}, K={v}: {res}", file=sys.stderr))
     if isinstance(runs, int):
         return runs
-    print("| K members | predict (s) | predict + flip TTA (s) | + 8 jitter views (s) | "
-          "resampling the views (s) | saliency (s) | peak RSS (MB) |"
+    print("| K members | predict (s) | predict + flip TTA (s) | predict + flip + 8 jitter "
+          "views (s) | resampling the views (s) | saliency (s) | peak RSS (MB) |"
           "\n|---|---|---|---|---|---|---|")
     keys = ("predict_s", "predict_s_flip", "predict_s_flip_jitter", "jitter_resample_s",
             "saliency_s", "peak_rss_mb")
