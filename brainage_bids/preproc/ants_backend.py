@@ -45,6 +45,7 @@ from scipy import ndimage as ndi
 
 from brainage_bids.io import atomic_path
 from brainage_bids.preproc.qc import registration_qc
+from brainage_bids.preproc.transforms import itk_matrix, itk_to_ras
 from brainage_bids.templates import template_path
 
 LOGGER = logging.getLogger(__name__)
@@ -294,20 +295,19 @@ def _working_copy(image: Any) -> Any:
 
 # --------------------------------------------------------------------------- transforms
 def read_ants_affine(path: str | os.PathLike[str]) -> np.ndarray:
-    """4x4 matrix of an ANTs/ITK affine file: fixed-space LPS point -> moving-space LPS point."""
+    """4x4 matrix of an ANTs/ITK affine file: fixed-space LPS point -> moving-space LPS point.
+
+    Read through antspyx; :func:`brainage_bids.preproc.transforms.read_itk_affine` reads the
+    same file without it (the tests check that the two agree).
+    """
     transform = _ants().read_transform(str(path))
-    params = np.asarray(transform.parameters, dtype=float)
-    centre = np.asarray(transform.fixed_parameters, dtype=float)
-    matrix = params[:9].reshape(3, 3)
-    out = np.eye(4)
-    out[:3, :3] = matrix
-    out[:3, 3] = params[9:12] + centre - matrix @ centre
-    return out
+    return itk_matrix(np.asarray(transform.parameters, dtype=float),
+                      np.asarray(transform.fixed_parameters, dtype=float))
 
 
 def ants_affine_to_ras(fixed_to_moving_lps: np.ndarray) -> np.ndarray:
     """Turn ANTs' template->input (LPS) affine into the input->template map in RAS mm."""
-    return np.linalg.inv(_RAS_TO_LPS @ fixed_to_moving_lps @ _RAS_TO_LPS)
+    return itk_to_ras(fixed_to_moving_lps)
 
 
 def _register(fixed: Any, moving: Any, kind: str, workdir: Path, **kwargs: Any) -> dict:

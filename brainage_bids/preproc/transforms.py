@@ -27,12 +27,16 @@ def read_itk_affine(path: str | os.PathLike[str]) -> np.ndarray:
                None)
     if key is None or "fixed" not in data:
         raise ValueError(f"{Path(path).name}: not an ITK affine transform file")
-    params = np.asarray(data[key], dtype=float).ravel()
-    centre = np.asarray(data["fixed"], dtype=float).ravel()
-    matrix = params[:9].reshape(3, 3)
+    return itk_matrix(np.asarray(data[key], dtype=float).ravel(),
+                      np.asarray(data["fixed"], dtype=float).ravel())
+
+
+def itk_matrix(params: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """4x4 of an ITK affine's 12 parameters (matrix, translation) about its fixed centre."""
+    matrix = np.asarray(params[:9], dtype=float).reshape(3, 3)
     out = np.eye(4)
     out[:3, :3] = matrix
-    out[:3, 3] = params[9:12] + centre - matrix @ centre
+    out[:3, 3] = np.asarray(params[9:12]) + centre - matrix @ centre
     return out
 
 
