@@ -282,6 +282,16 @@ def _model(methods: Methods, card: dict[str, Any], versions: dict[str, str],
         text += f" ({'; '.join(notes)})." if notes else "."
     text += (" The input was the skull-stripped registered image, its intensities normalised "
              "inside the brain mask as in training.")
+    inference = card.get("inference") or {}
+    jitter = inference.get("grid_jitter") or {}
+    if isinstance(jitter, dict) and int(jitter.get("n", 0) or 0) > 0:
+        text += (f" Each prediction was averaged over that image and {int(jitter['n'])} more "
+                 "resamplings of the native-space brain onto the template grid, shifted by "
+                 f"fixed offsets of up to {float(jitter.get('max_mm', 0)):g} mm per axis")
+        text += (", each with its left-right mirror image." if inference.get("flip_tta")
+                 else ".")
+    elif inference.get("flip_tta"):
+        text += " Each prediction was averaged over that image and its left-right mirror image."
     calibration = (card.get("uncertainty") or {}).get("calibration_scale")
     text += (f" The uncertainty is the standard deviation of {mc_samples} Monte-Carlo dropout "
              f"predictions {methods.cite('gal2016')}")

@@ -33,6 +33,8 @@ def test_participant_methods_describe_the_ants_run_and_the_model():
                  "IXI", "Grad-CAM"):
         assert part in text, part
     assert f"scaled by {card['uncertainty']['calibration_scale']:.3g}" in text
+    assert ("averaged over that image and 8 more resamplings of the native-space brain" in text
+            and "up to 1 mm per axis, each with its left-right mirror image." in text)
     assert "FLIRT" not in text and "BET" not in text
     references = text[text.index("## References"):]
     for key in ("kancharla2024", "avants2011", "tustison2010", "gorgolewski2011",
@@ -61,6 +63,11 @@ def test_ensemble_and_group_bias_correction():
     assert "(de Lange & Cole, 2020)" in text and "(P - b)/a" in text
     assert "fitted on the reference group group=control" in text
     assert "calibrat" not in text  # this card has no calibration scale: none is claimed
+    assert "averaged over that image" not in text  # nor test-time augmentation
+    card["inference"] = {"flip_tta": True}
+    text = group_methods(backend="ants", card=card, mc_samples=20, bias_method="cole",
+                         bias_source=None, versions=VERSIONS).markdown()
+    assert "averaged over that image and its left-right mirror image." in text
 
 
 def test_citation_files_match_each_other(tmp_path):
