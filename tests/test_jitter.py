@@ -13,7 +13,12 @@ import torch
 from scipy import ndimage as ndi
 from torch import nn
 
-from brainage_bids.model.jitter import jitter_offsets, jitter_settings, resample_views
+from brainage_bids.model.jitter import (
+    jitter_offsets,
+    jitter_settings,
+    jitter_views,
+    resample_views,
+)
 from brainage_bids.model.predict import predict_age, predict_brain_age
 from brainage_bids.preproc.transforms import flirt_to_ras, fsl_coordinates
 from brainage_bids.templates import template_path
@@ -116,6 +121,20 @@ def test_flirt_matrix_maps_world_points_like_flirt() -> None:
     fsl_in = fsl_coordinates(ras) @ voxel
     ref_voxel = np.linalg.inv(fsl_coordinates(template)) @ (flirt @ fsl_in)
     assert np.allclose(world @ (ras.affine @ voxel), template.affine @ ref_voxel)
+
+
+@pytest.mark.parametrize(("backend", "content"), [("ants", b"garbage"),
+                                                  ("fsl", b"1 2 3\n"), ("fsl", b"a b\n")])
+def test_a_damaged_transform_is_one_clear_error(tmp_path, backend: str, content: bytes) -> None:
+    """The grid jitter of one image fails with the file's name and the reason, no traceback."""
+    brain = tmp_path / "sub-01_desc-preproc_T1w.nii.gz"
+    mask = tmp_path / "sub-01_desc-brain_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), brain)
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.uint8), np.eye(4)), mask)
+    transform = tmp_path / "sub-01_xfm.mat"
+    transform.write_bytes(content)
+    with pytest.raises(ValueError, match=r"grid jitter: cannot read .*sub-01_xfm\.mat"):
+        jitter_views(brain, mask, transform, backend, {"n": 2, "max_mm": 1.0, "seed": 0})
 
 
 class _MeanAge(nn.Module):

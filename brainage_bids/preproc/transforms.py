@@ -22,7 +22,10 @@ def read_itk_affine(path: str | os.PathLike[str]) -> np.ndarray:
     fixed-space point -> moving-space point."""
     from scipy.io import loadmat
 
-    data = loadmat(os.fspath(path))
+    try:
+        data = loadmat(os.fspath(path))
+    except Exception as err:  # scipy raises MatReadError, ValueError, ... for damaged files
+        raise ValueError(f"{Path(path).name}: cannot be read as an ITK transform: {err}") from None
     key = next((k for k in data if k.startswith(("AffineTransform_", "MatrixOffsetTransform"))),
                None)
     if key is None or "fixed" not in data:
@@ -75,6 +78,11 @@ def native_to_mni_ras(transform: str | os.PathLike[str], backend: str,
     if backend == "ants":
         return itk_to_ras(read_itk_affine(transform))
     if backend == "fsl":
-        return flirt_to_ras(np.loadtxt(os.fspath(transform)), nib.load(os.fspath(native)),
-                            nib.load(os.fspath(reference)))
+        try:
+            flirt = np.loadtxt(os.fspath(transform), ndmin=2)
+        except ValueError as err:
+            raise ValueError(f"{Path(transform).name}: not a FLIRT matrix: {err}") from None
+        if flirt.shape != (4, 4) or not np.isfinite(flirt).all():
+            raise ValueError(f"{Path(transform).name}: not a FLIRT matrix (a 4x4 of numbers)")
+        return flirt_to_ras(flirt, nib.load(os.fspath(native)), nib.load(os.fspath(reference)))
     raise ValueError(f"unknown preprocessing backend {backend!r}")
