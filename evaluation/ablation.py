@@ -57,6 +57,23 @@ LABELS = {"shared": "BrainAgeNet, one shared attention module (the paper)",
           "sfcn": "SFCN (Peng et al. 2021)"}
 
 
+def reference_split(card: dict, split: dict) -> tuple[list[str], list[str], list[str]]:
+    """(train, validation, test) subjects of the reference model's training.
+
+    A cross-validated ensemble (the shipped ``ixi-2mm-v2``) lists every image as training and
+    none as validation; each of its members trained on four folds and early-stopped on the
+    fifth, so the ablation trains on its first member's split (96 and 24 for v2), which is the
+    shipped recipe for one network.
+    """
+    train, val, test = split_subjects(card, split)
+    members = (card.get("ensemble") or {}).get("members") or []
+    if not val and members:
+        held = {name.split("_")[0].removeprefix("sub-") for name in members[0]["validation_ids"]}
+        val = [s for s in train if s in held]
+        train = [s for s in train if s not in held]
+    return train, val, test
+
+
 def _items(derivatives: Path, bids: Path, subjects: list[str]) -> list[TrainItem]:
     return [TrainItem(id=f"sub-{it.id}", image=it.image, mask=it.mask, age=it.age,
                       group=it.id)
@@ -168,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _, card = load_model(args.reference)
         split = json.loads(args.split.read_text())
-        train_ids, val_ids, test_ids = split_subjects(card, split)
+        train_ids, val_ids, test_ids = reference_split(card, split)
         train = _items(args.derivatives, args.bids, train_ids)
         val = _items(args.derivatives, args.bids, val_ids)
         test = ev.preprocessed_items(args.derivatives, args.bids, test_ids)

@@ -140,6 +140,21 @@ def test_scatter_plot_is_an_svg_with_the_metrics(tmp_path):
     assert "<svg" in svg and "MAE 1.75" in svg
 
 
+def test_ablation_of_an_ensemble_reference_uses_its_first_members_split():
+    ablation = _script("ablation")
+    split = json.loads((REPO / "evaluation" / "ixi_split.json").read_text())
+    models = REPO / "brainage_bids" / "data" / "models"
+    card = json.loads((models / "ixi-2mm-v2.json").read_text())
+    train, val, test = ablation.reference_split(card, split)
+    held = card["ensemble"]["members"][0]["validation_ids"]
+    assert sorted(f"sub-{s}" for s in val) == sorted(held) and len(val) == 24
+    assert len(train) == 96 and not set(train) & set(val)
+    assert sorted(train + val) == sorted(s.removeprefix("sub-") for s in split["trainval"])
+    assert sorted(test) == sorted(s.removeprefix("sub-") for s in split["test"])
+    v1 = json.loads((models / "ixi-2mm-v1.json").read_text())  # a single model: its own split
+    assert ablation.reference_split(v1, split) == _script("evaluate").split_subjects(v1, split)
+
+
 def test_ablation_summary_gives_mean_and_spread_over_seeds():
     ablation = _script("ablation")
 
