@@ -43,7 +43,7 @@ from brainage_bids.model.weights import (
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from evaluate import DEFAULT_BIDS, split_subjects  # noqa: E402
+from evaluate import DEFAULT_BIDS, split_subjects, subjects_of  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
     "shared": {"architecture": "BrainAgeNet", "attention": "shared", "loss": "l1"},
@@ -68,7 +68,7 @@ def reference_split(card: dict, split: dict) -> tuple[list[str], list[str], list
     train, val, test = split_subjects(card, split)
     members = (card.get("ensemble") or {}).get("members") or []
     if not val and members:
-        held = {name.split("_")[0].removeprefix("sub-") for name in members[0]["validation_ids"]}
+        held = set(subjects_of(members[0]["validation_ids"]))
         val = [s for s in train if s in held]
         train = [s for s in train if s not in held]
     return train, val, test

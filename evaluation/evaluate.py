@@ -39,6 +39,11 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_BIDS = HERE.parent.parent / "shared" / "data" / "ixi-hh-t1w-2mm"
 
 
+def subjects_of(names: list[str]) -> list[str]:
+    """Subject labels of a card's image ids: ``sub-IXI012_ses-1`` -> ``IXI012``."""
+    return [name.split("_")[0].removeprefix("sub-") for name in names]
+
+
 def split_subjects(card: dict, split: dict) -> tuple[list[str], list[str], list[str]]:
     """(train, validation, test) subject labels; refuses any overlap with the test split."""
     data = card.get("training_data") or {}
@@ -46,10 +51,7 @@ def split_subjects(card: dict, split: dict) -> tuple[list[str], list[str], list[
         raise ValueError("the model card does not list its training images "
                          "(training_data.train_ids): cannot prove the test split is unseen")
 
-    def subjects(names: list[str]) -> list[str]:
-        return [name.split("_")[0].removeprefix("sub-") for name in names]
-
-    train, val = subjects(data["train_ids"]), subjects(data.get("validation_ids", []))
+    train, val = subjects_of(data["train_ids"]), subjects_of(data.get("validation_ids", []))
     test = [s.removeprefix("sub-") for s in split["test"]]
     leaked = sorted(set(test) & (set(train) | set(val)))
     if leaked:

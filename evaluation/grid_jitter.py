@@ -36,7 +36,9 @@ from brainage_bids.model.uncertainty import coverage, fit_scale
 from brainage_bids.model.weights import ModelError, load_model
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_BIDS = HERE.parent.parent / "shared" / "data" / "ixi-hh-t1w-2mm"
+sys.path.insert(0, str(HERE))
+from evaluate import DEFAULT_BIDS, subjects_of  # noqa: E402
+
 #: MC-dropout samples per prediction, as the participant level's default.
 MC_SAMPLES = 20
 
@@ -51,7 +53,7 @@ def _folds(card: dict) -> dict[int, tuple[list[int], list[str]]]:
         indices, ids = folds.setdefault(int(member["fold"]), ([], []))
         indices.append(int(member["index"]))
         if not ids:
-            ids += [name.split("_")[0].removeprefix("sub-") for name in member["validation_ids"]]
+            ids += subjects_of(member["validation_ids"])
     return folds
 
 
