@@ -13,7 +13,10 @@ With ``--shared-from-reference`` the reference model itself is the "shared" row,
 check that it was trained with the same budget (epochs, patience, batch size, learning rate,
 seed); the shipped model is then one of the compared models, not a retrained copy.
 
-Finished variants are skipped and interrupted ones resume, so the command can be rerun::
+Finished variants are skipped and interrupted ones resume, so the command can be rerun. With
+``--json``, each finished run is written there as soon as it is scored, and a rerun keeps the
+runs that the file already holds (made with the same settings) without their models: a run
+of about an hour survives the loss of ``--out`` once its line is committed::
 
     python evaluation/ablation.py --derivatives /work/runs/ixi --out /work/runs/ablation \\
         --epochs 60 --patience 60 --seeds 42 --threads 2 --json docs/evaluation/ablation.json
@@ -123,6 +126,39 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, train: list[Trai
             "test_predict_s_per_image": seconds / len(test), "sha256": card["sha256"]}
 
 
+def settings(args: argparse.Namespace, card: dict) -> dict:
+    """What makes two ablation runs comparable: the budget and the reference split."""
+    return {"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size,
+            "lr": args.lr, "reference_model": card.get("name"),
+            "shared_is_reference": args.shared_from_reference}
+
+
+def recorded_runs(path: Path | None, wanted: dict) -> dict[tuple[str, int], dict]:
+    """The finished runs of an earlier results file, by (variant, seed).
+
+    A file written with other settings is refused rather than mixed in: its runs would not
+    be comparable with the new ones.
+    """
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        differing = {k: (data.get(k), v) for k, v in wanted.items() if data.get(k) != v}
+        runs = {(r["variant"], int(r["seed"])): r for r in data.get("runs", [])}
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not an ablation results file ({exc})") from exc
+    if differing:
+        raise ValueError(f"{path} holds runs made with other settings (file, now): "
+                         f"{differing}; choose another --json")
+    return runs
+
+
+def write_results(path: Path, wanted: dict, results: list[dict]) -> None:
+    """The settings, the summary over seeds and every run, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ev.write_json(path, {**wanted, "summary": summarise(results), "runs": results})
+
+
 def summarise(results: list[dict]) -> list[dict]:
     """Mean and sample SD over seeds per variant (SD is None for a single seed)."""
     rows = []
@@ -189,25 +225,31 @@ def main(argv: list[str] | None = None) -> int:
         train = _items(args.derivatives, args.bids, train_ids)
         val = _items(args.derivatives, args.bids, val_ids)
         test = ev.preprocessed_items(args.derivatives, args.bids, test_ids)
+        wanted = settings(args, card)
+        recorded = recorded_runs(args.json, wanted)
     except (ModelError, ValueError, OSError) as exc:
         print(f"ablation: {exc}", file=sys.stderr)
         return 1
     logging.info("%d train, %d validation, %d test images", len(train), len(val), len(test))
+    # runs of the file that this command does not ask for are kept, not dropped
+    results = [r for key, r in recorded.items()
+               if key[0] not in args.variants or key[1] not in args.seeds]
     try:
-        results = [run_variant(name, seed, args, train, val, test)
-                   for name in args.variants for seed in args.seeds]
+        for name in args.variants:
+            for seed in args.seeds:
+                if (name, seed) in recorded:
+                    logging.info("%s seed %d: kept from %s", name, seed, args.json)
+                    results.append(recorded[(name, seed)])
+                    continue
+                results.append(run_variant(name, seed, args, train, val, test))
+                if args.json:
+                    write_results(args.json, wanted, results)
     except (ModelError, ValueError) as exc:
         print(f"ablation: {exc}", file=sys.stderr)
         return 1
-    rows = summarise(results)
-    print(table(rows))
+    print(table(summarise(results)))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        ev.write_json(args.json, {"epochs": args.epochs, "patience": args.patience,
-                                  "batch_size": args.batch_size, "lr": args.lr,
-                                  "reference_model": card.get("name"),
-                                  "shared_is_reference": args.shared_from_reference,
-                                  "summary": rows, "runs": results})
+        write_results(args.json, wanted, results)
     return 0
 
 

@@ -172,6 +172,50 @@ def test_ablation_summary_gives_mean_and_spread_over_seeds():
     assert "6.00 ± 1.41" in text and "SFCN (Peng et al. 2021)" in text
 
 
+def test_ablation_keeps_recorded_runs_and_writes_each_new_one_at_once(tmp_path, monkeypatch):
+    ablation = _script("ablation")
+    results = tmp_path / "ablation.json"
+    monkeypatch.setattr(ablation, "load_model", lambda ref: (None, {"name": "ref"}))
+    monkeypatch.setattr(ablation, "reference_split", lambda card, split: (["a"], ["b"], ["c"]))
+    monkeypatch.setattr(ablation, "_items", lambda *a: [])
+    monkeypatch.setattr(ablation.ev, "preprocessed_items", lambda *a: [])
+    trained = []
+
+    def run_variant(name, seed, *rest):
+        if name == "none":  # the session stops here: the finished runs must be on disk
+            raise ValueError("stopped")
+        trained.append((name, seed))
+        return {"variant": name, "seed": seed, "n_parameters": 10, "epochs": 3,
+                "train_wall_s": 60.0, "val_mae": 5.0, "test": {"mae": 5.0 + seed,
+                                                               "rmse": 6.0, "r": 0.9}}
+
+    monkeypatch.setattr(ablation, "run_variant", run_variant)
+    split = tmp_path / "split.json"
+    split.write_text("{}")
+    def argv(*extra, epochs="250"):
+        return ["--derivatives", str(tmp_path), "--out", str(tmp_path / "out"), "--split",
+                str(split), "--epochs", epochs, "--seeds", "1", "2", "--json", str(results),
+                *extra]
+
+    assert ablation.main(argv("--variants", "shared", "none")) == 1
+    assert trained == [("shared", 1), ("shared", 2)]
+    written = json.loads(results.read_text())
+    assert [(r["variant"], r["seed"]) for r in written["runs"]] == trained
+    assert written["summary"][0]["mae"] == 6.5 and written["epochs"] == 250
+
+    trained.clear()  # the next session: --out is gone, the file is not
+    assert ablation.main(argv("--variants", "shared", "sfcn")) == 0
+    assert trained == [("sfcn", 1), ("sfcn", 2)]
+    runs = json.loads(results.read_text())["runs"]
+    assert sorted((r["variant"], r["seed"]) for r in runs) == [
+        ("sfcn", 1), ("sfcn", 2), ("shared", 1), ("shared", 2)]
+
+    assert ablation.main(argv("--variants", "sfcn", epochs="60")) == 1  # not mixed in
+    assert len(json.loads(results.read_text())["runs"]) == 4
+    with pytest.raises(ValueError, match="other settings"):
+        ablation.recorded_runs(results, {"epochs": 60})
+
+
 def test_ship_model_float16_halves_the_file_and_loads_back(tmp_path):
     from brainage_bids.model.net import BrainAgeNet
     from brainage_bids.model.weights import load_model, save_model
