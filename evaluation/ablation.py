@@ -11,7 +11,12 @@ age bins) but with the shared budget and optimiser, not its own 130-epoch SGD sc
 
 With ``--shared-from-reference`` the reference model itself is the "shared" row, after a
 check that it was trained with the same budget (epochs, patience, batch size, learning rate,
-seed); the shipped model is then one of the compared models, not a retrained copy.
+seed); the shipped model is then one of the compared models, not a retrained copy. With
+``--shared-from DIR`` a network already trained in that directory (the shipped ensemble's
+members in ``training-runs/ixi-2mm-v2/members``) is the "shared" row of a seed when it is
+that run exactly: the same training and validation participants, seed and budget. v2's
+member 0 is the "shared" run with seed 42 on the ablation's split, so it is not trained
+twice.
 
 Finished variants are skipped and interrupted ones resume, so the command can be rerun. With
 ``--json``, each finished run is written there as soon as it is scored, and a rerun keeps the
@@ -94,15 +99,39 @@ def _check_budget(card: dict, args: argparse.Namespace, seed: int) -> None:
                          f"{differing}")
 
 
+def trained_shared_run(directory: Path, seed: int, args: argparse.Namespace,
+                       train: list[TrainItem], val: list[TrainItem]) -> Path | None:
+    """The card in ``directory`` of a finished "shared" run with this seed on this split.
+
+    A card qualifies when it trained on exactly these participants, early-stopped on exactly
+    these, with this seed; it must then also have the ablation's budget (else ValueError).
+    """
+    wanted = (sorted(i.id for i in train), sorted(i.id for i in val))
+    for card_path in sorted(directory.glob("*.json")):
+        card = read_card(card_path)
+        data = card.get("training_data") or {}
+        config = (card.get("training") or {}).get("config") or {}
+        split = (sorted(data.get("train_ids") or []), sorted(data.get("validation_ids") or []))
+        if split == wanted and config.get("seed") == seed:
+            _check_budget(card, args, seed)
+            return card_path
+    return None
+
+
 def run_variant(name: str, seed: int, args: argparse.Namespace, train: list[TrainItem],
                 val: list[TrainItem], test: list[ev.EvalItem]) -> dict:
     """Train (or reuse) one variant with one seed and score it on the test split."""
     model_name = f"ablation-{name}-seed{seed}"
     out = args.out / "models" / model_name
     card_path = out / f"{model_name}.json"
+    trained = (trained_shared_run(args.shared_from, seed, args, train, val)
+               if name == "shared" and args.shared_from else None)
     if name == "shared" and args.shared_from_reference:
         reference_card, out, _ = resolve_model(args.reference)  # loaded (and verified) below
         _check_budget(read_card(reference_card), args, seed)
+    elif trained is not None:
+        logging.info("%s: %s is this run, already trained", model_name, trained)
+        out = trained
     elif not card_path.is_file():
         config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              seed=seed, device=args.device, model_name=model_name,
@@ -119,7 +148,8 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, train: list[Trai
     seconds = time.perf_counter() - started
     metrics = regression_metrics([it.age for it in test], pred)
     training = card["training"]
-    return {"variant": name, "seed": seed, "n_parameters": count_parameters(model),
+    return {"variant": name, "seed": seed, "model": card.get("name"),
+            "n_parameters": count_parameters(model),
             "epochs": training["epochs_run"], "best_epoch": training["best_epoch"],
             "train_wall_s": training["wall_time_s"], "device": training["device"],
             "val_mae": card["validation"]["mae"], "test": metrics,
@@ -210,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="early stopping on the validation MAE (as the train level)")
     parser.add_argument("--shared-from-reference", action="store_true",
                         help="use the reference model as the 'shared' row")
+    parser.add_argument("--shared-from", type=Path, metavar="DIR",
+                        help="reuse a network trained there as the 'shared' row of a seed "
+                             "when it is exactly that run (same split, seed and budget)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--device", default="auto")

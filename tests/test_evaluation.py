@@ -155,6 +155,30 @@ def test_ablation_of_an_ensemble_reference_uses_its_first_members_split():
     assert ablation.reference_split(v1, split) == _script("evaluate").split_subjects(v1, split)
 
 
+def test_ablation_reuses_v2s_member_0_as_the_shared_run_with_seed_42():
+    import argparse
+
+    ablation = _script("ablation")
+    card = json.loads((REPO / "brainage_bids/data/models/ixi-2mm-v2.json").read_text())
+    split = json.loads((REPO / "evaluation/ixi_split.json").read_text())
+    train, val, _ = ablation.reference_split(card, split)
+
+    def items(subjects):
+        return [ablation.TrainItem(id=f"sub-{s}", image="x", mask="y", age=50.0, group=s)
+                for s in subjects]
+
+    members = REPO / "training-runs/ixi-2mm-v2/members"
+    args = argparse.Namespace(epochs=250, patience=40, batch_size=4, lr=1e-4)
+    found = ablation.trained_shared_run(members, 42, args, items(train), items(val))
+    assert found == members / "ixi-2mm-v2-m0.json"
+    assert ablation.trained_shared_run(members, 43, args, items(train), items(val)) is None
+    swapped = items(val[:1] + train[1:]), items(train[:1] + val[1:])
+    assert ablation.trained_shared_run(members, 42, args, *swapped) is None  # another split
+    with pytest.raises(ValueError, match="trained differently"):
+        ablation.trained_shared_run(members, 42, argparse.Namespace(
+            epochs=60, patience=40, batch_size=4, lr=1e-4), items(train), items(val))
+
+
 def test_ablation_summary_gives_mean_and_spread_over_seeds():
     ablation = _script("ablation")
 
