@@ -311,3 +311,33 @@ def test_runs_of_another_parent_are_redone_and_scratch_runs_kept():
     assert sorted(study._made_by_other_parent(done, "bbb")) == [
         "ft-biascorr-n10-r0", "ft-fine-n10-r0", "ft-gamma2-fine-n20-r1", "ft-parent"]
     assert study._made_by_other_parent({"ft-scratch-n10-r0": {}}, "bbb") == []
+
+
+def test_linear_baseline_ridge_is_fitted_on_the_other_folds_only():
+    baseline = _script("linear_baseline")
+    rng = np.random.default_rng(0)
+    volumes = rng.standard_normal((60, 8, 6, 4))
+    features = baseline.block_means(volumes, 2)
+    assert features.shape == (60, 4 * 3 * 2)
+    np.testing.assert_allclose(features[0, 0], volumes[0, :2, :2, :2].mean())
+    weights = rng.standard_normal(features.shape[1])
+    ages = 50 + features @ weights * 5
+    folds = np.arange(60) % 5
+    pred, alphas = baseline.out_of_fold(features, ages, folds)
+    assert len(alphas) == 5 and np.abs(pred - ages).max() < 0.5  # a linear signal is found
+    relabelled = ages.copy()
+    relabelled[folds == 2] += 30  # the held-out fold's ages must not move its predictions
+    again, _ = baseline.out_of_fold(features, relabelled, folds)
+    np.testing.assert_allclose(again[folds == 2], pred[folds == 2])
+    assert not np.allclose(again[folds != 2], pred[folds != 2])
+
+
+def test_linear_baseline_error_correlation_without_the_shared_age_trend():
+    baseline = _script("linear_baseline")
+    rng = np.random.default_rng(1)
+    ages = rng.uniform(20, 80, 500)
+    shrink = 50 + 0.6 * (ages - 50)  # both models regress to the mean in the same way
+    first = shrink + rng.standard_normal(500)
+    second = shrink + rng.standard_normal(500)
+    assert baseline.error_correlation(ages, first, second) > 0.9
+    assert abs(baseline.error_correlation(ages, first, second, detrend=True)) < 0.15
