@@ -46,7 +46,10 @@ def describe_image(output_dir: Path, image: T1wImage) -> str:
         return f"{image.name}: done, but no brain-age record was written"
     age = record.get("chronological_age")
     known = f" (age {age:.1f})" if isinstance(age, (int, float)) else ""
-    return f"{image.name}: predicted age {record['predicted_age']:.1f}{known}"
+    qc = record.get("qc") or {}
+    failed = [k.removesuffix("_ok") for k, v in qc.items() if k.endswith("_ok") and v is False]
+    flag = f"; QC failed ({', '.join(failed)}): check the report" if failed else ""
+    return f"{image.name}: predicted age {record['predicted_age']:.1f}{known}{flag}"
 
 
 def render_one(job: ReportJob, *, output_dir: Path, methods: Methods | None) -> str:

@@ -75,7 +75,9 @@ CORE_COLUMNS: dict[str, dict[str, Any]] = {
                                       "when the card has one; the raw spread otherwise",
                        **YEARS},
     "qc_pass": {"Description": "Whether the image passed the participant level's "
-                               "registration quality control",
+                               "quality control (registration, and the input intensities "
+                               "against the model's training inputs when its card has "
+                               "them)",
                 "Levels": {QC_TRUE: "passed", QC_FALSE: "failed: check the participant report "
                                                       "before using this prediction"}},
 }
@@ -94,6 +96,11 @@ QC_DESCRIPTIONS: dict[str, dict[str, Any]] = {
     "mask_mni_volume_ml": {"Description": "Volume of the brain mask in MNI152NLin6Asym space "
                                           "(after the 12-dof affine)", "Units": "mL"},
     "brain_volume_ml": {"Description": "Volume of the native-space brain mask", "Units": "mL"},
+    "intensity_distance": {"Description": "Mean absolute difference between the percentiles "
+                                          "of the normalised intensities inside the brain "
+                                          "and those of the model's training inputs (model "
+                                          "card input_reference), in within-brain SDs; "
+                                          "above the card's threshold the image fails QC"},
 }
 METRIC_NAMES = {"n": "N", "mae": "MAE", "rmse": "RMSE", "r": "r", "r2": "R2",
                 "r_gap_age": "r_gap_age", "mean_gap": "mean_gap"}

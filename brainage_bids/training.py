@@ -155,7 +155,9 @@ def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Call
         num_threads=settings.nprocs, val_fraction=settings.val_fraction,
         model_name=name)
     backends = sorted({transform_backend(settings.output_dir, im.entities) for im in usable})
+    LOG.info("recording the training inputs' intensity distribution (QC reference)")
     card_extra = {
+        "input_reference": input_reference(items),
         "training_data": {
             "name": _dataset_name(settings.bids_dir),
             "source": settings.bids_dir.name,
@@ -192,6 +194,21 @@ def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Call
                        work_dir=work_dir, resume=settings.resume, progress=progress,
                        card_extra=card_extra,
                        init_state=init_states[0] if init_states else None)
+
+
+def input_reference(items: list) -> dict:
+    """The card's ``input_reference``: the training inputs' normalised intensity percentiles
+    (:mod:`brainage_bids.model.input_reference`), read exactly as training reads them."""
+    import nibabel as nib
+    import numpy as np
+
+    from brainage_bids.model.data import read_volume
+    from brainage_bids.model.input_reference import fit_reference, input_quantiles
+
+    return fit_reference(
+        input_quantiles(read_volume(item.image, item.mask),
+                        np.asanyarray(nib.load(item.mask).dataobj))
+        for item in items)
 
 
 def _parent(settings: Settings, items: list) -> tuple[list[dict], dict]:

@@ -89,3 +89,23 @@ def test_collect_crashes_finds_each_images_first_crash(tmp_path):
     assert found["sub01"] == ("the cause", tmp_path / "crash-a.txt")
     assert found["sub012"] == ("bad", tmp_path / "crash-b.txt")
     assert "sub02" not in found
+
+
+def test_the_log_line_names_the_failed_qc_checks(tmp_path):
+    from brainage_bids.bids import T1wImage
+    from brainage_bids.cohort import describe_image, record_path
+
+    image = T1wImage(path=tmp_path / "sub-01_T1w.nii.gz", entities={"subject": "01"},
+                     age=38.8)
+    target = record_path(tmp_path, image)
+    target.parent.mkdir(parents=True)
+    record = {"predicted_age": 51.44, "chronological_age": 38.8,
+              "qc": {"dice_template_ok": True, "intensity_distance": 0.244,
+                     "intensity_distance_ok": False, "qc_pass": False}}
+    target.write_text(json.dumps(record))
+    assert describe_image(tmp_path, image) == (
+        "sub-01: predicted age 51.4 (age 38.8); QC failed (intensity_distance): check the "
+        "report")
+    record["qc"]["intensity_distance_ok"] = True
+    target.write_text(json.dumps(record))
+    assert describe_image(tmp_path, image) == "sub-01: predicted age 51.4 (age 38.8)"

@@ -80,6 +80,8 @@ def test_record_contents(participant_run):
     assert record["uncertainty"]["calibrated"] is True
     assert record["preprocessing"]["backend"] in ("ants", "fsl")
     assert 0.9 < record["qc"]["dice_template"] <= 1.0
+    assert record["qc"]["intensity_distance_ok"] is True  # the card's input_reference
+    assert 0 < record["qc"]["intensity_distance"] < 0.1  # 0.044 measured; threshold 0.162
     assert record["qc"]["qc_pass"] is True
 
 
@@ -218,6 +220,10 @@ def test_train_level_two_epochs_on_real_heads(tmp_path):
     assert card["training"]["epochs_run"] == 2
     assert card["preprocessing"]["backend"] in ("ants", "fsl")
     assert len(card["sha256"]) == 64
+    reference = card["input_reference"]  # the training inputs, for the intensity QC
+    assert reference["n_images"] == 6 and len(reference["quantiles"]) == 99
+    assert reference["threshold"] == pytest.approx(
+        1.5 * reference["distance_leave_one_out"]["max"], abs=1e-3)
     metrics = (models / "smoke_metrics.tsv").read_text().splitlines()
     assert len(metrics) == 3  # header + two epochs
     # the trained model is accepted by the participant level
@@ -227,6 +233,7 @@ def test_train_level_two_epochs_on_real_heads(tmp_path):
     record = json.loads((out / "sub-IXI012" / "anat" / "sub-IXI012_brainage.json").read_text())
     assert record["model"]["name"] == "smoke"
     assert record["model"]["age_range"] == card["training"]["age_range"]
+    assert record["qc"]["intensity_distance_ok"] is True  # a training image passes
 
 
 def test_train_level_folds_on_real_heads(tmp_path):
@@ -241,6 +248,7 @@ def test_train_level_folds_on_real_heads(tmp_path):
     assert sorted(p.name for p in models.glob("*.safetensors")) == ["ens.safetensors"]
     card = read_json(models / "ens.json")
     assert card["ensemble"]["n_members"] == 3 and card["training"]["folds"] == 3
+    assert card["input_reference"]["n_images"] == 6
     oof = (models / "ens_oof.tsv").read_text().splitlines()
     assert len(oof) == 1 + 6
     assert sorted(r.split("\t")[1] for r in oof[1:]) == sorted(labels)

@@ -88,6 +88,7 @@ class PredictBrainAge(SimpleInterface):
 
         from brainage_bids.metrics import apply_bias
         from brainage_bids.model.ensemble import members_of
+        from brainage_bids.model.input_reference import intensity_check
         from brainage_bids.model.intensity import normalise_intensity
         from brainage_bids.model.jitter import jitter_settings, jitter_views
         from brainage_bids.model.predict import predict_brain_age, resolve_device
@@ -154,6 +155,10 @@ class PredictBrainAge(SimpleInterface):
                 record["corrected_brain_age_gap"][method] = round(float(corrected[0]), 3)
         if isdefined(self.inputs.qc_file):
             record["qc"] = json.loads(Path(self.inputs.qc_file).read_text())
+        intensity = intensity_check(volume, mask, card.get("input_reference"))
+        if intensity:  # the card knows its training inputs: is this one like them?
+            passed = record["qc"].get("qc_pass", True) and intensity["intensity_distance_ok"]
+            record["qc"] = {**record["qc"], **intensity, "qc_pass": bool(passed)}
 
         out_dir = Path(runtime.cwd)
         if self.inputs.saliency and all(hasattr(m, "blocks") for m in members_of(model)):

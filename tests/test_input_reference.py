@@ -1,0 +1,67 @@
+"""The intensity QC reference: percentiles, distance, threshold from training images only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from brainage_bids.model.input_reference import (
+    LEVELS,
+    THRESHOLD_FACTOR,
+    distance,
+    fit_reference,
+    input_quantiles,
+    intensity_check,
+)
+from brainage_bids.model.intensity import normalise_intensity
+
+
+def _brain(rng: np.random.Generator, contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """A two-tissue 'brain' (grey and white matter intensities) inside a cubic mask."""
+    mask = np.zeros((20, 20, 20), bool)
+    mask[3:17, 3:17, 3:17] = True
+    volume = np.where(rng.random(mask.shape) < 0.45, 60.0, 60.0 + 40.0 * contrast)
+    volume = volume + rng.normal(0, 6, mask.shape)
+    return np.where(mask, volume, 0.0), mask
+
+
+def test_the_threshold_comes_from_the_training_images_alone():
+    rng = np.random.default_rng(0)
+    training = [normalise_intensity(*_brain(rng)) for _ in range(12)]
+    mask = _brain(rng)[1]
+    quantiles = [input_quantiles(v, mask) for v in training]
+    reference = fit_reference(quantiles)
+    assert len(reference["quantiles"]) == len(LEVELS) == 99
+    loo = reference["distance_leave_one_out"]
+    assert reference["threshold"] == pytest.approx(THRESHOLD_FACTOR * loo["max"], abs=1e-4)
+    assert 0 < loo["median"] <= loo["p95"] <= loo["max"]
+    for volume in training:  # every training image passes its own reference
+        assert intensity_check(volume, mask, reference)["intensity_distance_ok"]
+    with pytest.raises(ValueError, match="at least 5"):
+        fit_reference(quantiles[:4])
+
+
+def test_offset_and_scale_do_not_move_the_distance_but_a_contrast_change_fails():
+    rng = np.random.default_rng(1)
+    mask = _brain(rng)[1]
+    reference = fit_reference(input_quantiles(normalise_intensity(*_brain(rng)), mask)
+                              for _ in range(12))
+    volume, _ = _brain(rng)
+    plain = intensity_check(normalise_intensity(volume, mask), mask, reference)
+    stored = intensity_check(normalise_intensity(volume * 0.37 - 100, mask), mask, reference)
+    assert stored["intensity_distance"] == pytest.approx(plain["intensity_distance"], abs=1e-4)
+    assert plain["intensity_distance_ok"]
+    flat, _ = _brain(rng, contrast=0.3)  # grey and white matter barely apart: another shape
+    other = intensity_check(normalise_intensity(flat, mask), mask, reference)
+    assert not other["intensity_distance_ok"]
+    assert other["intensity_distance"] > reference["threshold"]
+
+
+def test_a_card_without_a_reference_adds_no_check():
+    rng = np.random.default_rng(2)
+    volume, mask = _brain(rng)
+    assert intensity_check(normalise_intensity(volume, mask), mask, None) == {}
+    with pytest.raises(ValueError, match="differ in length"):
+        distance([0.0, 1.0], [0.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match="empty"):
+        input_quantiles(volume, np.zeros_like(mask))
