@@ -1,0 +1,120 @@
+"""The intensity QC reference of a trained model, and what it says about other images.
+
+A model card's ``input_reference`` (:mod:`brainage_bids.model.input_reference`) holds the
+normalised intensity percentiles of the model's training inputs and a threshold set from them
+alone. The train level writes it for every model it trains. This script makes it for a model
+trained before that existed, from the participant level's derivatives of the model's training
+participants (every member's training and validation participants for an ensemble). With
+``--check`` it prints each image of other participant-level outputs: its distance, whether it
+passes, and its predicted age where a record exists.
+
+::
+
+    python evaluation/input_reference.py --model ixi-2mm-v2 --derivatives /work/runs/ixi3 \\
+        --write-card brainage_bids/data/models/ixi-2mm-v2.json --check OUT1 OUT2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from brainage_bids import evaluation as ev
+from brainage_bids.io import atomic_write_json
+from brainage_bids.model.data import read_volume
+from brainage_bids.model.input_reference import distance, fit_reference, input_quantiles
+from brainage_bids.model.weights import ModelError, load_model
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from evaluate import DEFAULT_BIDS, subjects_of  # noqa: E402
+
+MNI_PREPROC = "*_space-MNI152NLin6Asym_res-2_desc-preproc_T1w.nii.gz"
+
+
+def training_subjects(card: dict) -> list[str]:
+    """Every participant the model's networks were trained or early-stopped on."""
+    members = (card.get("ensemble") or {}).get("members") or []
+    data = card.get("training_data") or {}
+    names = [*data.get("train_ids", []), *data.get("validation_ids", [])]
+    for member in members:
+        names += member.get("validation_ids", [])
+    subjects = sorted(set(subjects_of(names)))
+    if not subjects:
+        raise ValueError(f"the card of {card.get('name')} lists no training participants")
+    return subjects
+
+
+def quantiles_of(image: str | Path, mask: str | Path) -> np.ndarray:
+    """An input's percentiles, normalised exactly as the model reads it."""
+    return input_quantiles(read_volume(image, mask), np.asanyarray(nib.load(mask).dataobj))
+
+
+def check_outputs(output_dir: Path, reference: dict) -> list[dict]:
+    """Distance, pass/fail and (when recorded) predicted age of every model input there."""
+    rows = []
+    for image in sorted(output_dir.glob(f"sub-*/**/{MNI_PREPROC}")):
+        stem = image.name.removesuffix("_space-MNI152NLin6Asym_res-2_desc-preproc_T1w.nii.gz")
+        mask = image.with_name(f"{stem}_space-MNI152NLin6Asym_res-2_desc-brain_mask.nii.gz")
+        record_file = image.with_name(f"{stem}_brainage.json")
+        record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+        value = distance(quantiles_of(image, mask), reference["quantiles"])
+        rows.append({"image": stem, "intensity_distance": round(value, 4),
+                     "passes": value <= reference["threshold"],
+                     "predicted_age": record.get("predicted_age"),
+                     "age": record.get("chronological_age"),
+                     "registration_qc_pass": (record.get("qc") or {}).get("qc_pass")})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="ixi-2mm-v2")
+    parser.add_argument("--derivatives", type=Path, required=True,
+                        help="participant-level outputs holding the training participants")
+    parser.add_argument("--bids", type=Path, default=DEFAULT_BIDS)
+    parser.add_argument("--write-card", type=Path,
+                        help="write the model's card with the reference added here")
+    parser.add_argument("--check", type=Path, nargs="*", default=[],
+                        help="participant-level output directories to check")
+    parser.add_argument("--json", type=Path, help="write the reference and the checks here")
+    args = parser.parse_args(argv)
+    try:
+        _, card = load_model(args.model)
+        items = ev.preprocessed_items(args.derivatives, args.bids, training_subjects(card))
+        reference = fit_reference(quantiles_of(it.image, it.mask) for it in items)
+        checks = {str(d): check_outputs(d, reference) for d in args.check}
+    except (ModelError, ValueError, OSError) as exc:
+        print(f"input_reference: {exc}", file=sys.stderr)
+        return 1
+    loo = reference["distance_leave_one_out"]
+    print(f"{card.get('name')}: {reference['n_images']} training inputs; leave-one-out "
+          f"distance median {loo['median']:.3f}, p95 {loo['p95']:.3f}, max {loo['max']:.3f}; "
+          f"threshold {reference['threshold']:.3f}")
+    for directory, rows in checks.items():
+        print(f"\n{directory}\n| image | distance | passes | predicted age | age |")
+        print("|---|---|---|---|---|")
+        for row in rows:
+            predicted = row["predicted_age"]
+            age = row["age"]
+            print(f"| {row['image']} | {row['intensity_distance']:.3f} | "
+                  f"{'yes' if row['passes'] else 'no'} | "
+                  f"{'-' if predicted is None else f'{predicted:.1f}'} | "
+                  f"{'-' if age is None else f'{age:.1f}'} |")
+    if args.write_card:
+        stored = {k: v for k, v in card.items() if k != "weights_path"}  # added by load_model
+        atomic_write_json(args.write_card, {**stored, "input_reference": reference})
+        print(f"wrote {args.write_card}", file=sys.stderr)
+    if args.json:
+        ev.write_json(args.json, {"model": card.get("name"), "reference": reference,
+                                  "checks": checks})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
