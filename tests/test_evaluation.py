@@ -341,3 +341,30 @@ def test_linear_baseline_error_correlation_without_the_shared_age_trend():
     second = shrink + rng.standard_normal(500)
     assert baseline.error_correlation(ages, first, second) > 0.9
     assert abs(baseline.error_correlation(ages, first, second, detrend=True)) < 0.15
+
+
+def test_input_reference_is_made_from_every_training_participant_of_v2():
+    reference = _script("input_reference")
+    card = json.loads((REPO / "brainage_bids/data/models/ixi-2mm-v2.json").read_text())
+    split = json.loads((REPO / "evaluation/ixi_split.json").read_text())
+    assert reference.training_subjects(card) == sorted(
+        s.removeprefix("sub-") for s in split["trainval"])
+    assert card["input_reference"]["n_images"] == 120
+    with pytest.raises(ValueError, match="no training participants"):
+        reference.training_subjects({"name": "x"})
+
+
+def test_damaged_copies_change_the_intensities_not_the_head():
+    damaged = _script("damaged_sample").damaged
+    rng = np.random.default_rng(0)
+    head = rng.uniform(0, 900, size=(20, 20, 20))
+    copies = damaged(head)
+    assert set(copies) == {"", "gamma2", "post8", "speckle"}
+    assert all(c.dtype == np.uint8 and c.shape == head.shape for c in copies.values())
+    plain = copies[""].astype(float)
+    order = np.argsort(plain, axis=None)
+    assert np.all(np.diff(copies["gamma2"].ravel()[order].astype(int)) >= 0)  # monotone
+    assert np.all(copies["gamma2"] <= copies[""])  # x**2 darkens: white matter stands out
+    assert len(np.unique(copies["post8"])) == 8
+    changed = copies["speckle"] != copies[""]
+    assert 0.005 < changed.mean() < 0.015 and np.all(copies["speckle"][changed] == 255)
