@@ -61,6 +61,15 @@ def test_a_card_without_a_reference_adds_no_check():
     rng = np.random.default_rng(2)
     volume, mask = _brain(rng)
     assert intensity_check(normalise_intensity(volume, mask), mask, None) == {}
+    with pytest.raises(ValueError, match="input_reference is malformed"):
+        intensity_check(normalise_intensity(volume, mask), mask, {"quantiles": [0.0]})
+    reference = fit_reference(input_quantiles(normalise_intensity(*_brain(rng)), mask)
+                              for _ in range(6))
+    coarse = {**reference, "levels": reference["levels"][::2],
+              "quantiles": reference["quantiles"][::2]}  # a card with other levels still works
+    assert intensity_check(normalise_intensity(volume, mask), mask, coarse)[
+        "intensity_distance"] == pytest.approx(intensity_check(
+            normalise_intensity(volume, mask), mask, reference)["intensity_distance"], abs=0.01)
     with pytest.raises(ValueError, match="differ in length"):
         distance([0.0, 1.0], [0.0, 1.0, 2.0])
     with pytest.raises(ValueError, match="empty"):

@@ -35,13 +35,14 @@ THRESHOLD_FACTOR = 1.5
 MIN_IMAGES = 5
 
 
-def input_quantiles(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The percentiles (:data:`LEVELS`) of a normalised volume inside its brain mask."""
+def input_quantiles(volume: np.ndarray, mask: np.ndarray,
+                    levels: Sequence[float] = LEVELS) -> np.ndarray:
+    """The percentiles (``levels``, fractions) of a normalised volume inside its brain mask."""
     inside = np.asarray(mask) > 0
     values = np.asarray(volume, dtype=np.float64)[inside]
     if values.size == 0:
         raise ValueError("the brain mask is empty")
-    return np.quantile(values, LEVELS)
+    return np.quantile(values, np.asarray(levels, dtype=np.float64))
 
 
 def distance(quantiles: Sequence[float], reference: Sequence[float]) -> float:
@@ -80,6 +81,15 @@ def intensity_check(volume: np.ndarray, mask: np.ndarray,
     card's threshold (``intensity_distance_ok``); empty when the card has no reference."""
     if not reference:
         return {}
-    value = distance(input_quantiles(volume, mask), reference["quantiles"])
+    try:  # the card's own percentile levels: a card stays readable if LEVELS ever changes
+        levels = np.asarray(reference["levels"], dtype=np.float64)
+        quantiles = np.asarray(reference["quantiles"], dtype=np.float64)
+        threshold = float(reference["threshold"])
+        if levels.shape != quantiles.shape or levels.ndim != 1 or not (
+                np.all((levels >= 0) & (levels <= 1)) and np.isfinite(quantiles).all()):
+            raise ValueError("levels and quantiles must be equally long lists, levels in 0-1")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"the model card's input_reference is malformed: {exc}") from exc
+    value = distance(input_quantiles(volume, mask, levels), quantiles)
     return {"intensity_distance": round(value, 4),
-            "intensity_distance_ok": bool(value <= float(reference["threshold"]))}
+            "intensity_distance_ok": bool(value <= threshold)}
