@@ -3,11 +3,11 @@
 The network reads normalised intensities, and the normalisation (a robust z-score inside
 the brain, :mod:`brainage_bids.model.intensity`) removes an offset and a scale, nothing
 more. A scan whose within-brain intensity *distribution* differs from the training inputs
-has a shape the model has never seen. Measured on the shipped sample with ``ixi-2mm-v2``,
-the same head moved by 6-9 years when its grey levels were posterised to 8, when 1 % of its
-voxels were bright speckle, or when its contrast was changed so that white matter is
-brighter relative to grey matter (``docs/model-card.md``). The registration QC passes all of
-them.
+has a shape the model has never seen. Measured on the four heads of the shipped sample with
+``ixi-2mm-v2``, a head's predicted age moved by up to 9 years when its contrast was changed so
+that white matter is brighter relative to grey matter, up to 6 when its grey levels were
+posterised to 8, and up to 6 when 1 % of its voxels were bright speckle
+(``docs/model-card.md``). The registration QC passes all of them.
 
 So the model card keeps the training inputs' intensity distribution (``input_reference``):
 the mean over the training images of the 99 percentiles (1-99) of their normalised
