@@ -282,6 +282,14 @@ def _model(methods: Methods, card: dict[str, Any], versions: dict[str, str],
         text += f" ({'; '.join(notes)})." if notes else "."
     text += (" The input was the skull-stripped registered image, its intensities normalised "
              "inside the brain mask as in training.")
+    reference = card.get("input_reference")
+    if isinstance(reference, dict) and isinstance(reference.get("threshold"), (int, float)):
+        text += (" Quality control also compared the percentiles of these normalised "
+                 "intensities with those of the model's training inputs (mean absolute "
+                 "difference); an image further than "
+                 f"{float(reference['threshold']):g} within-brain standard deviations, "
+                 f"{reference.get('threshold_rule', 'a threshold set from the training images')}"
+                 ", failed it.")
     inference = card.get("inference") or {}
     jitter = inference.get("grid_jitter") or {}
     if isinstance(jitter, dict) and int(jitter.get("n", 0) or 0) > 0:

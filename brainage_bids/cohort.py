@@ -48,7 +48,7 @@ def describe_image(output_dir: Path, image: T1wImage) -> str:
     known = f" (age {age:.1f})" if isinstance(age, (int, float)) else ""
     qc = record.get("qc") or {}
     failed = [k.removesuffix("_ok") for k, v in qc.items() if k.endswith("_ok") and v is False]
-    flag = f"; QC failed ({', '.join(failed)}): check the report" if failed else ""
+    flag = f"; QC failed ({', '.join(failed)}): see qc in its record" if failed else ""
     return f"{image.name}: predicted age {record['predicted_age']:.1f}{known}{flag}"
 
 

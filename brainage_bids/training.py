@@ -13,13 +13,17 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from brainage_bids.bids import T1wImage
 from brainage_bids.config import Settings
 from brainage_bids.derivatives import derivative_path, native_outputs, transform_backend
 from brainage_bids.templates import TEMPLATE
+
+if TYPE_CHECKING:  # the model package imports torch; the train level imports it when training
+    from brainage_bids.model.train_config import TrainItem
 
 LOG = logging.getLogger(__name__)
 PREPROC = {"suffix": "T1w", "extension": ".nii.gz", "space": TEMPLATE, "res": "2",
@@ -196,19 +200,14 @@ def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Call
                        init_state=init_states[0] if init_states else None)
 
 
-def input_reference(items: list) -> dict:
+def input_reference(items: Sequence[TrainItem]) -> dict[str, Any]:
     """The card's ``input_reference``: the training inputs' normalised intensity percentiles
-    (:mod:`brainage_bids.model.input_reference`), read exactly as training reads them."""
-    import nibabel as nib
-    import numpy as np
+    (:mod:`brainage_bids.model.input_reference`), read exactly as training reads them, with
+    each participant's images left out together."""
+    from brainage_bids.model.input_reference import fit_reference, image_quantiles
 
-    from brainage_bids.model.data import read_volume
-    from brainage_bids.model.input_reference import fit_reference, input_quantiles
-
-    return fit_reference(
-        input_quantiles(read_volume(item.image, item.mask),
-                        np.asanyarray(nib.load(item.mask).dataobj))
-        for item in items)
+    return fit_reference([image_quantiles(item.image, item.mask) for item in items],
+                         groups=[str(item.group) for item in items])
 
 
 def _parent(settings: Settings, items: list) -> tuple[list[dict], dict]:

@@ -82,6 +82,11 @@ def reference_split(card: dict, split: dict) -> tuple[list[str], list[str], list
     return train, val, test
 
 
+#: Training options (besides the budget and seed) that make a run the ablation's "shared" run.
+RECIPE_OPTIONS = ("architecture", "attention", "loss", "dropout", "attention_kernel",
+                  "weight_decay", "lr_schedule", "init", "init_from_sha256", "freeze_trunk")
+
+
 def _items(derivatives: Path, bids: Path, subjects: list[str]) -> list[TrainItem]:
     return [TrainItem(id=f"sub-{it.id}", image=it.image, mask=it.mask, age=it.age,
                       group=it.id)
@@ -89,10 +94,13 @@ def _items(derivatives: Path, bids: Path, subjects: list[str]) -> list[TrainItem
 
 
 def _check_budget(card: dict, args: argparse.Namespace, seed: int) -> None:
-    """The reference model must have had the ablation's budget to stand in for "shared"."""
+    """A trained model must have had the ablation's recipe to stand in for "shared": the
+    budget, the seed, and every training option the ablation leaves at its default."""
     config = card["training"]["config"]
+    defaults = TrainConfig(**VARIANTS["shared"])
     wanted = {"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size,
-              "lr": args.lr, "seed": seed, "attention": "shared", "augment": True}
+              "lr": args.lr, "seed": seed, "augment": True,
+              **{key: getattr(defaults, key) for key in RECIPE_OPTIONS}}
     differing = {k: (config.get(k), v) for k, v in wanted.items() if config.get(k) != v}
     if differing:
         raise ValueError(f"the reference model was trained differently (card, ablation): "
@@ -106,6 +114,8 @@ def trained_shared_run(directory: Path, seed: int, args: argparse.Namespace,
     A card qualifies when it trained on exactly these participants, early-stopped on exactly
     these, with this seed; it must then also have the ablation's budget (else ValueError).
     """
+    if not directory.is_dir():
+        raise ValueError(f"--shared-from {directory}: no such directory")
     wanted = (sorted(i.id for i in train), sorted(i.id for i in val))
     for card_path in sorted(directory.glob("*.json")):
         card = read_card(card_path)
@@ -238,11 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--patience", type=int, default=None,
                         help="early stopping on the validation MAE (as the train level)")
-    parser.add_argument("--shared-from-reference", action="store_true",
+    shared = parser.add_mutually_exclusive_group()
+    shared.add_argument("--shared-from-reference", action="store_true",
                         help="use the reference model as the 'shared' row")
-    parser.add_argument("--shared-from", type=Path, metavar="DIR",
+    shared.add_argument("--shared-from", type=Path, metavar="DIR",
                         help="reuse a network trained there as the 'shared' row of a seed "
-                             "when it is exactly that run (same split, seed and budget)")
+                             "when it is exactly that run (same split, seed and recipe)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--device", default="auto")
@@ -264,25 +275,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ablation: {exc}", file=sys.stderr)
         return 1
     logging.info("%d train, %d validation, %d test images", len(train), len(val), len(test))
-    # runs of the file that this command does not ask for are kept, not dropped
-    results = [r for key, r in recorded.items()
-               if key[0] not in args.variants or key[1] not in args.seeds]
+    results = dict(recorded)  # every recorded run stays in the file, asked for or not
     try:
         for name in args.variants:
             for seed in args.seeds:
                 if (name, seed) in recorded:
                     logging.info("%s seed %d: kept from %s", name, seed, args.json)
-                    results.append(recorded[(name, seed)])
                     continue
-                results.append(run_variant(name, seed, args, train, val, test))
+                results[(name, seed)] = run_variant(name, seed, args, train, val, test)
                 if args.json:
-                    write_results(args.json, wanted, results)
+                    write_results(args.json, wanted, list(results.values()))
     except (ModelError, ValueError) as exc:
         print(f"ablation: {exc}", file=sys.stderr)
         return 1
-    print(table(summarise(results)))
+    print(table(summarise(list(results.values()))))
     if args.json:
-        write_results(args.json, wanted, results)
+        write_results(args.json, wanted, list(results.values()))
     return 0
 
 

@@ -20,6 +20,7 @@ Then run the participant level on it and compare::
 from __future__ import annotations
 
 import argparse
+import csv
 import shutil
 import sys
 from pathlib import Path
@@ -33,7 +34,8 @@ SAMPLE = HERE.parent / "examples" / "ixi-sample"
 
 def damaged(values: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
     """The head (0-255) and its three damaged copies, as uint8 arrays by label suffix."""
-    head = np.round(values / values.max() * 255)
+    low, high = float(values.min()), float(values.max())
+    head = np.round((values - low) / (high - low) * 255)  # negative stored values too
     speckle = head.copy()
     speckle[np.random.default_rng(seed).random(head.shape) < 0.01] = 255
     copies = {"": head, "gamma2": np.round(255 * (head / 255) ** 2),
@@ -50,12 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"damaged_sample: {args.out} exists", file=sys.stderr)
         return 1
     rows = ["participant_id\tage"]
-    ages = dict(line.split("\t")[:2] for line in
-                (args.bids / "participants.tsv").read_text().splitlines()[1:])
+    with open(args.bids / "participants.tsv", newline="") as table:
+        ages = {row["participant_id"]: row.get("age", "n/a")
+                for row in csv.DictReader(table, delimiter="\t")}
     args.out.mkdir(parents=True)
     shutil.copy(args.bids / "dataset_description.json", args.out)
-    for source in sorted(args.bids.glob("sub-*/anat/sub-*_T1w.nii.gz")):
-        subject = source.name.split("_")[0]
+    sources = sorted(args.bids.glob("sub-*/anat/sub-*_T1w.nii.gz"))  # no sessions, one run
+    subjects = [source.name.split("_")[0] for source in sources]
+    if len(set(subjects)) != len(subjects):
+        print("damaged_sample: one T1w per participant (no sessions, no runs), please",
+              file=sys.stderr)
+        return 1
+    for source, subject in zip(sources, subjects, strict=True):
         img = nib.load(source)
         for suffix, data in damaged(np.asanyarray(img.dataobj, dtype=np.float64)).items():
             label = f"{subject}{suffix}"

@@ -21,13 +21,9 @@ import json
 import sys
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-
 from brainage_bids import evaluation as ev
 from brainage_bids.io import atomic_write_json
-from brainage_bids.model.data import read_volume
-from brainage_bids.model.input_reference import distance, fit_reference, input_quantiles
+from brainage_bids.model.input_reference import distance, fit_reference, image_quantiles
 from brainage_bids.model.weights import ModelError, load_model
 
 HERE = Path(__file__).resolve().parent
@@ -50,11 +46,6 @@ def training_subjects(card: dict) -> list[str]:
     return subjects
 
 
-def quantiles_of(image: str | Path, mask: str | Path) -> np.ndarray:
-    """An input's percentiles, normalised exactly as the model reads it."""
-    return input_quantiles(read_volume(image, mask), np.asanyarray(nib.load(mask).dataobj))
-
-
 def check_outputs(output_dir: Path, reference: dict) -> list[dict]:
     """Distance, pass/fail and (when recorded) predicted age of every model input there."""
     rows = []
@@ -63,12 +54,15 @@ def check_outputs(output_dir: Path, reference: dict) -> list[dict]:
         mask = image.with_name(f"{stem}_space-MNI152NLin6Asym_res-2_desc-brain_mask.nii.gz")
         record_file = image.with_name(f"{stem}_brainage.json")
         record = json.loads(record_file.read_text()) if record_file.is_file() else {}
-        value = distance(quantiles_of(image, mask), reference["quantiles"])
+        value = distance(image_quantiles(image, mask), reference["quantiles"])
+        qc = record.get("qc") or {}
+        registration = [v for k, v in qc.items()
+                        if k.endswith("_ok") and k != "intensity_distance_ok"]
         rows.append({"image": stem, "intensity_distance": round(value, 4),
                      "passes": value <= reference["threshold"],
                      "predicted_age": record.get("predicted_age"),
                      "age": record.get("chronological_age"),
-                     "registration_qc_pass": (record.get("qc") or {}).get("qc_pass")})
+                     "registration_qc_pass": all(registration) if registration else None})
     return rows
 
 
@@ -87,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _, card = load_model(args.model)
         items = ev.preprocessed_items(args.derivatives, args.bids, training_subjects(card))
-        reference = fit_reference(quantiles_of(it.image, it.mask) for it in items)
+        reference = fit_reference([image_quantiles(it.image, it.mask) for it in items],
+                                  groups=[it.id for it in items])
         checks = {str(d): check_outputs(d, reference) for d in args.check}
     except (ModelError, ValueError, OSError) as exc:
         print(f"input_reference: {exc}", file=sys.stderr)

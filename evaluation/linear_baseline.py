@@ -53,32 +53,45 @@ def block_means(volumes: np.ndarray, block: int) -> np.ndarray:
     return cubes.mean(axis=(2, 4, 6)).reshape(n, -1)
 
 
+def _centred_eigen(train_x: np.ndarray, train_y: np.ndarray) -> dict:
+    """The centred Gram matrix's eigen-decomposition, and what the fits share."""
+    centre = train_x.mean(axis=0)
+    a = train_x - centre
+    gram = a @ a.T
+    eigval, eigvec = np.linalg.eigh(gram)
+    y = train_y - train_y.mean()
+    return {"centre": centre, "a": a, "eigval": eigval, "eigvec": eigvec, "y": y,
+            "proj": eigvec.T @ y, "scale": float(np.trace(gram)) / len(a),
+            "offset": float(train_y.mean())}
+
+
+def loo_mae(train_x: np.ndarray, train_y: np.ndarray, alphas: np.ndarray = ALPHAS,
+            fit: dict | None = None) -> np.ndarray:
+    """Leave-one-out MAE on the training rows for each relative penalty, by the hat-matrix
+    shortcut (with the fitted intercept's leverage ``1/n`` in each row's): equal to refitting
+    without each row in turn."""
+    fit = fit or _centred_eigen(train_x, train_y)
+    eigval, eigvec, y = fit["eigval"], fit["eigvec"], fit["y"]
+    maes = []
+    for alpha in alphas:
+        shrink = eigval / (eigval + alpha * fit["scale"])
+        hat_diag = 1.0 / len(y) + (eigvec**2) @ shrink  # the intercept is fitted too
+        loo = (y - eigvec @ (shrink * fit["proj"])) / (1.0 - hat_diag)
+        maes.append(float(np.mean(np.abs(loo))))
+    return np.array(maes)
+
+
 def ridge_fit_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                       alphas: np.ndarray = ALPHAS) -> tuple[np.ndarray, float]:
     """Kernel ridge (linear kernel) predictions for ``test_x`` and the relative penalty chosen.
 
-    The penalty minimises the leave-one-out MAE on the training rows (the hat-matrix
-    shortcut), so nothing outside ``train_x`` decides it.
+    The penalty minimises :func:`loo_mae` on the training rows, so nothing outside
+    ``train_x`` decides it.
     """
-    centre = train_x.mean(axis=0)
-    a, b = train_x - centre, test_x - centre
-    gram = a @ a.T
-    scale = float(np.trace(gram)) / len(a)
-    offset = float(train_y.mean())
-    y = train_y - offset
-    eigval, eigvec = np.linalg.eigh(gram)
-    proj = eigvec.T @ y
-    best: tuple[float, float] | None = None
-    for alpha in alphas:
-        shrink = eigval / (eigval + alpha * scale)
-        hat_diag = (eigvec**2) @ shrink
-        loo = (y - eigvec @ (shrink * proj)) / (1.0 - hat_diag)
-        mae = float(np.mean(np.abs(loo)))
-        if best is None or mae < best[0]:
-            best = (mae, float(alpha))
-    assert best is not None
-    dual = eigvec @ (proj / (eigval + best[1] * scale))
-    return b @ (a.T @ dual) + offset, best[1]
+    fit = _centred_eigen(train_x, train_y)
+    alpha = float(alphas[int(np.argmin(loo_mae(train_x, train_y, alphas, fit)))])
+    dual = fit["eigvec"] @ (fit["proj"] / (fit["eigval"] + alpha * fit["scale"]))
+    return (test_x - fit["centre"]) @ (fit["a"].T @ dual) + fit["offset"], alpha
 
 
 def out_of_fold(features: np.ndarray, ages: np.ndarray,

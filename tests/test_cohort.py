@@ -104,8 +104,8 @@ def test_the_log_line_names_the_failed_qc_checks(tmp_path):
                      "intensity_distance_ok": False, "qc_pass": False}}
     target.write_text(json.dumps(record))
     assert describe_image(tmp_path, image) == (
-        "sub-01: predicted age 51.4 (age 38.8); QC failed (intensity_distance): check the "
-        "report")
+        "sub-01: predicted age 51.4 (age 38.8); QC failed (intensity_distance): see qc in its "
+        "record")
     record["qc"]["intensity_distance_ok"] = True
     target.write_text(json.dumps(record))
     assert describe_image(tmp_path, image) == "sub-01: predicted age 51.4 (age 38.8)"

@@ -216,6 +216,7 @@ def test_ablation_keeps_recorded_runs_and_writes_each_new_one_at_once(tmp_path, 
     monkeypatch.setattr(ablation, "run_variant", run_variant)
     split = tmp_path / "split.json"
     split.write_text("{}")
+
     def argv(*extra, epochs="250"):
         return ["--derivatives", str(tmp_path), "--out", str(tmp_path / "out"), "--split",
                 str(split), "--epochs", epochs, "--seeds", "1", "2", "--json", str(results),
@@ -236,6 +237,13 @@ def test_ablation_keeps_recorded_runs_and_writes_each_new_one_at_once(tmp_path, 
 
     assert ablation.main(argv("--variants", "sfcn", epochs="60")) == 1  # not mixed in
     assert len(json.loads(results.read_text())["runs"]) == 4
+
+    # a new run written before the loop reaches recorded ones, then a failure: nothing lost
+    assert ablation.main(argv("--variants", "separate", "shared", "none")) == 1
+    runs = json.loads(results.read_text())["runs"]
+    assert sorted((r["variant"], r["seed"]) for r in runs) == [
+        ("separate", 1), ("separate", 2), ("sfcn", 1), ("sfcn", 2), ("shared", 1),
+        ("shared", 2)]
     with pytest.raises(ValueError, match="other settings"):
         ablation.recorded_runs(results, {"epochs": 60})
 
@@ -368,3 +376,17 @@ def test_damaged_copies_change_the_intensities_not_the_head():
     assert len(np.unique(copies["post8"])) == 8
     changed = copies["speckle"] != copies[""]
     assert 0.005 < changed.mean() < 0.015 and np.all(copies["speckle"][changed] == 255)
+
+
+def test_linear_baseline_leave_one_out_shortcut_matches_refitting():
+    baseline = _script("linear_baseline")
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((30, 120))
+    y = 50 + x[:, :5].sum(axis=1) * 3 + rng.normal(0, 4, 30)
+    for alpha in (1e-4, 0.3, 3.0):
+        refitted = [baseline.ridge_fit_predict(np.delete(x, i, 0), np.delete(y, i), x[i:i + 1],
+                                               alphas=np.array([alpha]))[0][0]
+                    for i in range(30)]  # each row predicted by a fit without it
+        brute = np.mean(np.abs(np.array(refitted) - y))
+        # the shortcut's scale comes from all rows, a refit's from the others: nearly equal
+        assert baseline.loo_mae(x, y, np.array([alpha]))[0] == pytest.approx(brute, rel=0.05)

@@ -35,10 +35,24 @@ def test_the_threshold_comes_from_the_training_images_alone():
     loo = reference["distance_leave_one_out"]
     assert reference["threshold"] == pytest.approx(THRESHOLD_FACTOR * loo["max"], abs=1e-4)
     assert 0 < loo["median"] <= loo["p95"] <= loo["max"]
-    for volume in training:  # every training image passes its own reference
-        assert intensity_check(volume, mask, reference)["intensity_distance_ok"]
-    with pytest.raises(ValueError, match="at least 5"):
+    assert reference["n_images"] == reference["n_participants"] == 12
+    with pytest.raises(ValueError, match="at least 5 participants"):
         fit_reference(quantiles[:4])
+
+
+def test_a_participants_other_sessions_are_left_out_with_it():
+    rng = np.random.default_rng(3)
+    mask = _brain(rng)[1]
+    odd = input_quantiles(normalise_intensity(*_brain(rng, contrast=0.5)), mask)
+    others = [input_quantiles(normalise_intensity(*_brain(rng)), mask) for _ in range(8)]
+    by_image = fit_reference([odd, odd, *others])  # one odd participant, scanned twice
+    by_participant = fit_reference([odd, odd, *others], groups=["a", "a", *"bcdefghi"])
+    assert by_participant["n_participants"] == 9 and by_participant["n_images"] == 10
+    # counted as two participants, each session of the odd one hides behind the other
+    assert by_participant["distance_leave_one_out"]["max"] > (
+        by_image["distance_leave_one_out"]["max"] + 0.01)
+    with pytest.raises(ValueError, match="participant labels"):
+        fit_reference(others, groups=["a"])
 
 
 def test_offset_and_scale_do_not_move_the_distance_but_a_contrast_change_fails():
@@ -61,10 +75,14 @@ def test_a_card_without_a_reference_adds_no_check():
     rng = np.random.default_rng(2)
     volume, mask = _brain(rng)
     assert intensity_check(normalise_intensity(volume, mask), mask, None) == {}
-    with pytest.raises(ValueError, match="input_reference is malformed"):
-        intensity_check(normalise_intensity(volume, mask), mask, {"quantiles": [0.0]})
     reference = fit_reference(input_quantiles(normalise_intensity(*_brain(rng)), mask)
                               for _ in range(6))
+    for broken in ({"quantiles": [0.0]}, {**reference, "levels": [], "quantiles": []},
+                   {**reference, "levels": reference["levels"][1:]},
+                   {**reference, "threshold": float("nan")}, {**reference, "threshold": -1},
+                   {**reference, "levels": [2.0] * 99}, "not a dict"):
+        with pytest.raises(ValueError, match="input_reference is malformed"):
+            intensity_check(normalise_intensity(volume, mask), mask, broken)
     coarse = {**reference, "levels": reference["levels"][::2],
               "quantiles": reference["quantiles"][::2]}  # a card with other levels still works
     assert intensity_check(normalise_intensity(volume, mask), mask, coarse)[

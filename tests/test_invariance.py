@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -53,7 +54,8 @@ def _variants(img: nib.Nifti1Image) -> dict[str, nib.Nifti1Image]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, float]:
+def runs(tmp_path_factory) -> dict[str, Any]:
+    """Predicted age of every storage (and of the rerun), and every variant's QC (``qc``)."""
     root = tmp_path_factory.mktemp("inv")
     bids = root / "bids"
     bids.mkdir()
