@@ -175,3 +175,22 @@ def test_dropout_option_is_a_probability(sample_bids, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_settings([*args, "--dropout", "1.5"])
     assert exc.value.code == 2 and "probability" in capsys.readouterr().err
+
+
+def test_a_malformed_input_reference_fails_before_any_work(tiny_bids, tmp_path, capsys,
+                                                           untrained_model):
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(untrained_model, model)
+    card = untrained_model.with_suffix(".json")
+    data = json.loads(card.read_text())
+    data["input_reference"] = {"levels": [0.5], "quantiles": [0.0, 1.0], "threshold": 0.1}
+    (model / card.name).write_text(json.dumps(data))
+    out = tmp_path / "out"
+    assert main([str(tiny_bids), str(out), "participant", "-w", str(tmp_path / "work"),
+                 "--model", str(model)]) == 1
+    assert "input_reference is malformed" in _one_error_line(capsys)
+    assert not (tmp_path / "work").exists()
