@@ -106,9 +106,9 @@ def fit_reference(quantiles: Iterable[Sequence[float]],
 
 def check_reference(reference: Any) -> tuple[np.ndarray, np.ndarray, float]:
     """A card's ``input_reference`` as ``(levels, quantiles, threshold)``; ``ValueError``
-    saying what is wrong when it is malformed (checked when the model is loaded, before any
-    image is preprocessed). The card's own levels are used, so a card stays readable if
-    :data:`LEVELS` ever changes."""
+    saying what is wrong when it is malformed (:func:`~brainage_bids.model.weights.read_card`
+    checks it when the model is loaded, before any image is preprocessed). The card's own
+    levels are used, so a card stays readable if :data:`LEVELS` ever changes."""
     try:
         levels = np.asarray(reference["levels"], dtype=np.float64)
         quantiles = np.asarray(reference["quantiles"], dtype=np.float64)

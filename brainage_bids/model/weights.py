@@ -268,6 +268,13 @@ def read_card(card_path: str | Path) -> dict[str, Any]:
         raise ModelError(f"cannot read model card {card_path}: {exc}") from exc
     if not isinstance(card, dict) or "architecture" not in card or "sha256" not in card:
         raise ModelError(f"{card_path} is not a model card (needs 'architecture' and 'sha256')")
+    if card.get("input_reference") is not None:  # its intensity QC must work for every image
+        from brainage_bids.model.input_reference import check_reference
+
+        try:
+            check_reference(card["input_reference"])
+        except ValueError as exc:
+            raise ModelError(f"{card_path}: {exc}") from exc
     return card
 
 
