@@ -252,6 +252,31 @@ def _preprocessing(methods: Methods, backend: str, versions: dict[str, str]) -> 
             "and the brain volume.")
 
 
+def describe_uncertainty(*, samples: Any, n_members: int = 1, scale: Any = None,
+                         scaled: str | None = "mc_sd", fitted_on: str | None = None,
+                         cite: str = "") -> str:
+    """What a prediction's SD is, as a clause (methods text, report captions).
+
+    Follows :func:`brainage_bids.model.uncertainty.calibrated_sd`: a single model's SD is its
+    Monte-Carlo dropout spread, scaled; an ensemble's combines the members' spread with it,
+    and the card says which of the two the calibration scale multiplies (``scaled``).
+    """
+    cite = f" {cite}" if cite else ""
+    if n_members > 1:
+        text = (f"the standard deviation of the {n_members} members' predictions combined with "
+                f"their Monte-Carlo dropout standard deviation ({samples} passes each){cite}")
+    else:
+        text = f"the standard deviation of {samples} Monte-Carlo dropout predictions{cite}"
+    if not isinstance(scale, int | float) or isinstance(scale, bool) or scale <= 0:
+        return text + ", not calibrated"
+    held_out = "predictions the model was not trained on" + (f" ({fitted_on})" if fitted_on
+                                                             else "")
+    if n_members > 1 and scaled == "mc_sd":
+        return (text + f", as sqrt((k * MC-dropout SD)^2 + member SD^2) with k = {scale:.3g}, "
+                f"fitted so that it matches the errors of {held_out}")
+    return text + f", scaled by {scale:.3g} so that it matches the errors of {held_out}"
+
+
 def _model(methods: Methods, card: dict[str, Any], versions: dict[str, str],
            mc_samples: int, saliency: bool) -> str:
     arch = card.get("architecture") or {}
@@ -300,11 +325,11 @@ def _model(methods: Methods, card: dict[str, Any], versions: dict[str, str],
                  else ".")
     elif inference.get("flip_tta"):
         text += " Each prediction was averaged over that image and its left-right mirror image."
-    calibration = (card.get("uncertainty") or {}).get("calibration_scale")
-    text += (f" The uncertainty is the standard deviation of {mc_samples} Monte-Carlo dropout "
-             f"predictions {methods.cite('gal2016')}")
-    text += (f", scaled by {calibration:.3g} so that it matches the errors on the model's "
-             "validation set." if isinstance(calibration, (int, float)) else ".")
+    uncertainty = card.get("uncertainty") or {}
+    text += (" The uncertainty is " + describe_uncertainty(
+        samples=mc_samples, n_members=n_members, scale=uncertainty.get("calibration_scale"),
+        scaled=uncertainty.get("scaled", "mc_sd"), fitted_on=uncertainty.get("fitted_on"),
+        cite=methods.cite("gal2016")) + ".")
     if saliency:
         text += (" Saliency maps were computed with Grad-CAM for each convolution block "
                  f"{methods.cite('selvaraju2017')}.")

@@ -9,7 +9,8 @@ plus the metrics and the bias-correction coefficients with their origin) and
 ``group_brainage.html``.
 
 Bias correction (DESIGN.md §4): Beheshti and de Lange & Cole use the model card's
-coefficients (fitted on the training run's healthy validation set) unless a reference group
+coefficients (fitted on the training run's held-out predictions: out of fold for an
+ensemble, the validation set for a single model) unless a reference group
 is given (``--bias-reference group=control``), in which case every method is fitted on the
 reference participants. Smith's correction is a residualisation of the gap on age, so it is
 always fitted on this data set (the reference group, or every image with a known age).
@@ -54,9 +55,11 @@ CORE_COLUMNS: dict[str, dict[str, Any]] = {
     "run": {"Description": "Run index of the T1w image; n/a when the image has no run entity"},
     "age": {"Description": "Chronological age at the scan (sessions.tsv when it gives one for "
                            "the session, else participants.tsv)", **YEARS},
-    "predicted_age": {"Description": "Brain age predicted by the model (one deterministic "
-                                     "pass, dropout off; the Monte-Carlo dropout samples "
-                                     "give only uncertainty_sd)", **YEARS},
+    "predicted_age": {"Description": "Brain age predicted by the model with dropout off "
+                                     "(for an ensemble the mean of its members' predictions;"
+                                     " averaged over the test-time views the model card asks"
+                                     " for; the Monte-Carlo dropout samples give only "
+                                     "uncertainty_sd)", **YEARS},
     "brain_age_gap": {"Description": "Uncorrected brain-age gap: predicted_age - age", **YEARS},
     "brain_age_gap_beheshti": {"Description": "Brain-age gap corrected as in Beheshti et al. "
                                               "2019: gap - (a*age + b), with a, b fitted on "
@@ -69,11 +72,12 @@ CORE_COLUMNS: dict[str, dict[str, Any]] = {
                                           "2020: (predicted_age - b)/a, with a, b fitted on "
                                           "predicted_age = a*age + b (needs no age)", **YEARS},
     "uncertainty_sd": {"Description": "Prediction uncertainty in years: the standard "
-                                      "deviation of the Monte-Carlo dropout predictions, "
-                                      "times the model card's calibration scale (fitted on "
-                                      "its validation set so that it matches real errors) "
-                                      "when the card has one; the raw spread otherwise",
-                       **YEARS},
+                                      "deviation of the Monte-Carlo dropout predictions "
+                                      "(for an ensemble combined with the spread of its "
+                                      "members' predictions), calibrated with the model "
+                                      "card's scale, fitted on predictions the model was "
+                                      "not trained on so that it matches their errors; the "
+                                      "raw spread when the card has no scale", **YEARS},
     "qc_pass": {"Description": "Whether the image passed the participant level's "
                                "quality control (registration, and the input intensities "
                                "against the model's training inputs when its card has "
@@ -357,8 +361,9 @@ def bias_coefficients(table: pd.DataFrame, *, card: dict[str, Any] | None,
         fitted = card_bias.get(method)
         if (reference is None and method != "smith" and isinstance(fitted, dict)
                 and "error" not in fitted):  # an "error" entry: too few validation images
-            out[method] = {"Source": "model card (fitted on the training run's validation "
-                                     "set)", "Model": (card or {}).get("name"),
+            fitted_on = card_bias.get("fitted_on") or "the training run's held-out images"
+            out[method] = {"Source": f"model card (fitted on {fitted_on})",
+                           "Model": (card or {}).get("name"),
                            "ModelSpec": model_spec, "N": card_bias[method].get("n"),
                            "Coefficients": card_bias[method]}
             continue

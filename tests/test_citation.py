@@ -29,10 +29,17 @@ def test_participant_methods_describe_the_ants_run_and_the_model():
                                versions=VERSIONS).markdown()
     for part in ("N4", "ANTsPy 0.6.3", "Nipype 1.11.0", "PyBIDS 0.22.0", "PyTorch 2.13.0",
                  "MNI152NLin6Asym", card["name"], card["sha256"], "5,408,228 parameters",
-                 "one spatial-attention module shared by all blocks", "20 Monte-Carlo dropout",
+                 "one spatial-attention module shared by all blocks", "(20 passes each)",
                  "IXI", "Grad-CAM"):
         assert part in text, part
-    assert f"scaled by {card['uncertainty']['calibration_scale']:.3g}" in text
+    # the shipped ensemble's SD, as brainage_bids.model.uncertainty computes it
+    assert ("the standard deviation of the 5 members' predictions combined with their "
+            "Monte-Carlo dropout standard deviation (20 passes each)" in text)
+    assert (f"sqrt((k * MC-dropout SD)^2 + member SD^2) with k = "
+            f"{card['uncertainty']['calibration_scale']:.3g}, fitted so that it matches the "
+            f"errors of predictions the model was not trained on "
+            f"({card['uncertainty']['fitted_on']})" in text)
+    assert "validation set" not in text  # v2 is calibrated and bias-fitted out of fold
     assert ("averaged over that image and 8 more resamplings of the native-space brain" in text
             and "up to 1 mm per axis, each with its left-right mirror image." in text)
     assert "FLIRT" not in text and "BET" not in text
@@ -48,7 +55,7 @@ def test_fsl_backend_and_no_saliency_change_the_text():
                                saliency=False, versions=VERSIONS).markdown()
     assert "FSL 6.0.7 BET" in text and "FLIRT (12 degrees of freedom" in text
     assert "ANTs" not in text and "N4" not in text and "Grad-CAM" not in text
-    assert "5 Monte-Carlo dropout" in text
+    assert "(5 passes each)" in text
 
 
 def test_ensemble_and_group_bias_correction():
@@ -62,7 +69,8 @@ def test_ensemble_and_group_bias_correction():
     assert "an ensemble of 5 members" in text
     assert "(de Lange & Cole, 2020)" in text and "(P - b)/a" in text
     assert "fitted on the reference group group=control" in text
-    assert "calibrat" not in text  # this card has no calibration scale: none is claimed
+    assert "Monte-Carlo dropout standard deviation (20 passes each)" in text
+    assert ", not calibrated." in text  # this card has no calibration scale: none is claimed
     assert "averaged over that image" not in text  # nor test-time augmentation
     card["inference"] = {"flip_tta": True}
     text = group_methods(backend="ants", card=card, mc_samples=20, bias_method="cole",
@@ -80,3 +88,13 @@ def test_citation_files_match_each_other(tmp_path):
     assert keys == methods.references and len(keys) == len(set(keys))
     numbered = re.findall(r"^\d+\. ", md.read_text(), flags=re.MULTILINE)
     assert len(numbered) == len(keys)
+
+
+def test_single_model_uncertainty_names_where_its_scale_was_fitted():
+    v1 = read_json(REPO / "brainage_bids" / "data" / "models" / "ixi-2mm-v1.json")
+    text = participant_methods(backend="ants", card=v1, mc_samples=20,
+                               versions=VERSIONS).markdown()
+    assert ("The uncertainty is the standard deviation of 20 Monte-Carlo dropout predictions "
+            "(Gal & Ghahramani, 2016), scaled by 7.25 so that it matches the errors of "
+            "predictions the model was not trained on (validation set (24 images))." in text)
+    assert "members" not in text

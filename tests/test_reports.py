@@ -110,6 +110,9 @@ def test_participant_reports_one_section_per_image(rendered):
         assert f'id="{name}"' in html
     assert html.count("Predicted brain age") == 2
     assert "55.0" in html and "± 2.5" in html  # chronological age and the MC-dropout SD
+    # the caption says what the SD is: these records' uncalibrated single-model spread
+    assert html.count("the standard deviation of 20 Monte-Carlo dropout predictions, not "
+                      "calibrated") == 2
     assert html.count("<h3>Registration to MNI152NLin6Asym") == 2
     assert html.count("<h3>Brain mask (native space)") == 2
     # ses-2 was run without saliency: one Grad-CAM and one attention figure in all

@@ -20,7 +20,7 @@ from typing import Any
 
 from brainage_bids import __version__
 from brainage_bids.bids import T1wImage
-from brainage_bids.citation import Methods
+from brainage_bids.citation import Methods, describe_uncertainty
 from brainage_bids.config import BIAS_METHODS
 from brainage_bids.derivatives import QC_FALSE, derivative_path, figure_path, report_path
 from brainage_bids.io import atomic_write_bytes, atomic_write_text
@@ -199,6 +199,16 @@ def _image_figures(output_dir: Path, image: T1wImage,
     return out
 
 
+def _uncertainty_text(uncertainty: dict[str, Any]) -> str:
+    """The record's SD in words, e.g. an ensemble's spread combined with MC dropout."""
+    members = uncertainty.get("n_members")
+    return describe_uncertainty(
+        samples=uncertainty.get("samples", "n/a"),
+        n_members=members if isinstance(members, int) else 1,
+        scale=uncertainty.get("calibration_scale") if uncertainty.get("calibrated") else None,
+        scaled=uncertainty.get("scaled"))
+
+
 def _image_section(output_dir: Path, image: T1wImage, error: str | None) -> dict[str, Any]:
     paths = _paths(output_dir, image.entities)
     record: dict[str, Any] = {}
@@ -234,6 +244,7 @@ def _image_section(output_dir: Path, image: T1wImage, error: str | None) -> dict
         "scale": _age_scale(age, predicted, sd, lo_hi), "outside_range": outside,
         "qc_pass": qc.get("qc_pass"), "qc_rows": _qc_rows(qc),
         "uncertainty": record.get("uncertainty") or {},
+        "uncertainty_text": _uncertainty_text(record.get("uncertainty") or {}),
         "model": model, "age_range": lo_hi,
         "preprocessing": record.get("preprocessing") or {},
         "software": record.get("software") or {},
