@@ -193,11 +193,14 @@ def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Call
                               resume=settings.resume, progress=progress,
                               card_extra=card_extra, mc_samples=settings.mc_samples,
                               init_states=init_states)
+    from brainage_bids.model.held_out import validation_fits
+
     LOG.info("training %s on %d images, validating on %d", name, len(train), len(val))
     return train_model(config, train, val, settings.output_dir / "models",
                        work_dir=work_dir, resume=settings.resume, progress=progress,
                        card_extra=card_extra,
-                       init_state=init_states[0] if init_states else None)
+                       init_state=init_states[0] if init_states else None,
+                       finish=validation_fits(config, val, settings.mc_samples))
 
 
 def input_reference(items: Sequence[TrainItem]) -> dict[str, Any]:

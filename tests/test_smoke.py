@@ -204,24 +204,39 @@ def damaged_cases() -> set[str]:
 
 def test_train_level_two_epochs_on_real_heads(tmp_path):
     ixi = shared_or_skip("ixi-hh-t1w-2mm")
-    labels = ["IXI012", "IXI013", "IXI014", "IXI033", "IXI252", "IXI254"]
+    labels = ["IXI012", "IXI013", "IXI014", "IXI033", "IXI034", "IXI252", "IXI254"]
     out = tmp_path / "out"
     code = main([str(ixi), str(out), "train", "--participant-label", *labels,
                  "-w", str(tmp_path / "work"), "--epochs", "2", "--batch-size", "2",
-                 "--nprocs", "2", "--omp-nthreads", "1", "--val-fraction", "0.34",
-                 "--model-name", "smoke"])
+                 "--nprocs", "2", "--omp-nthreads", "1", "--val-fraction", "0.43",
+                 "--mc-samples", "4", "--model-name", "smoke"])
     assert code == 0
     models = out / "models"
     names = sorted(p.name for p in models.iterdir())
     assert names == ["smoke.json", "smoke.safetensors", "smoke_curve.svg", "smoke_metrics.tsv"]
     card = read_json(models / "smoke.json")
     assert card["training_data"]["name"].startswith("IXI")
-    assert card["training"]["n_train"] + card["training"]["n_val"] == 6
+    assert (card["training"]["n_train"], card["training"]["n_val"]) == (4, 3)
     assert card["training"]["epochs_run"] == 2
     assert card["preprocessing"]["backend"] in ("ants", "fsl")
     assert len(card["sha256"]) == 64
     reference = card["input_reference"]  # the training inputs, for the intensity QC
-    assert reference["n_images"] == 6 and len(reference["quantiles"]) == 99
+    assert reference["n_images"] == 7 and len(reference["quantiles"]) == 99
+    # the validation split, predicted as the participant level will predict (grid jitter:
+    # the derivatives hold the native brains), chooses the flip and fits the bias correction
+    # and the uncertainty scale, as the out-of-fold predictions do for an ensemble
+    jitter = card["inference"]["grid_jitter"]
+    assert jitter["n"] == 8 and isinstance(card["inference"]["flip_tta"], bool)
+    validation = card["validation"]
+    assert validation["kind"] == "validation split" and validation["n_images"] == 3
+    assert validation["mae"] == pytest.approx(jitter["validation_mae_with"])
+    assert validation["at_epoch"] in (1, 2) and validation["mae_during_training"] > 0
+    uncertainty = card["uncertainty"]
+    assert uncertainty["method"] == "mc-dropout" and uncertainty["samples"] == 4
+    assert uncertainty["calibration_scale"] > 0 and uncertainty["scaled"] == "mc_sd"
+    assert uncertainty["fitted_on"].startswith("validation-split predictions")
+    assert card["bias_correction"]["fitted_on"] == uncertainty["fitted_on"]
+    assert card["bias_correction"]["beheshti"]["n"] == 3
     assert reference["threshold"] == pytest.approx(
         1.5 * reference["distance_leave_one_out"]["max"], abs=1e-3)
     metrics = (models / "smoke_metrics.tsv").read_text().splitlines()
@@ -234,6 +249,12 @@ def test_train_level_two_epochs_on_real_heads(tmp_path):
     assert record["model"]["name"] == "smoke"
     assert record["model"]["age_range"] == card["training"]["age_range"]
     assert record["qc"]["intensity_distance_ok"] is True  # a training image passes
+    assert record["uncertainty"]["calibrated"] is True
+    assert record["uncertainty"]["grid_jitter_views"] == 8
+    assert record["uncertainty"]["flip_tta"] is card["inference"]["flip_tta"]
+    k = uncertainty["calibration_scale"]  # the record rounds mc_sd to 0.001 years
+    assert record["uncertainty"]["sd"] == pytest.approx(k * record["uncertainty"]["mc_sd"],
+                                                        abs=k * 6e-4)
 
 
 def test_train_level_folds_on_real_heads(tmp_path):

@@ -5,9 +5,10 @@ early-stopping signal, noisy bias-correction coefficients and a noisy uncertaint
 calibration. A K-fold ensemble uses every training participant once for validation: each
 member is early-stopped on its own fold, and the members' predictions on their own folds
 (out-of-fold, OOF) are an honest cross-validated estimate for every participant. The OOF
-predictions then fit what the card needs (bias correction, the uncertainty scale, whether
-test-time flipping helps) without ever touching a test set. Averaging the K members at
-prediction time reduces the variance that makes one network's errors heavy-tailed.
+predictions then fit what the card needs (bias correction, the uncertainty scale, the
+test-time views; :mod:`brainage_bids.model.held_out`) without ever touching a test set.
+Averaging the K members at prediction time reduces the variance that makes one network's
+errors heavy-tailed.
 
 Seed ensembles (``seeds_per_fold`` N > 1) train N members per fold with different seeds;
 with ``folds`` 1 they share one age-stratified validation split.
@@ -25,7 +26,6 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,14 @@ from typing import Any
 import numpy as np
 
 from brainage_bids.io import atomic_write_text
-from brainage_bids.metrics import bias_report
+from brainage_bids.model.held_out import (
+    OUT_OF_FOLD,
+    VALIDATION,
+    MemberPlan,
+    card_entries,
+    held_out_predictions,
+    summarise,
+)
 from brainage_bids.model.train import train_model
 from brainage_bids.model.train_config import (
     MIN_TRAIN,
@@ -49,17 +56,6 @@ LOGGER = logging.getLogger(__name__)
 #: Columns of ``<name>_oof.tsv`` (one row per image; ``member_predictions`` comma-separated).
 OOF_COLUMNS = ("id", "participant_id", "age", "fold", "predicted_age", "error", "mc_sd",
                "member_sd", "predicted_age_no_tta", "member_predictions")
-
-
-@dataclass(frozen=True)
-class MemberPlan:
-    """One member: its index, fold (-1 for a seed ensemble on one split), seed and data."""
-
-    index: int
-    fold: int
-    seed: int
-    train: tuple[TrainItem, ...]
-    val: tuple[TrainItem, ...]
 
 
 def split_kfold(items: Sequence[TrainItem], folds: int, seed: int) -> dict[str, int]:
@@ -159,51 +155,6 @@ def _train_member(config: TrainConfig, plan: MemberPlan, members_dir: Path, work
                        card_extra=extra, init_state=init_state)
 
 
-def _held_out_predictions(plans: Sequence[MemberPlan], members: Sequence[Any],
-                          config: TrainConfig, mc_samples: int) -> dict[str, dict[str, Any]]:
-    """Each image's prediction by the members that never trained on it (its fold's)."""
-    import torch
-
-    from brainage_bids.model.data import read_volume
-    from brainage_bids.model.ensemble import BrainAgeEnsemble
-    from brainage_bids.model.jitter import DEFAULT_GRID_JITTER, jitter_views
-    from brainage_bids.model.predict import predict_brain_age
-    from brainage_bids.templates import GRID_SHAPE
-
-    by_fold: dict[int, list[int]] = {}
-    for plan in plans:
-        by_fold.setdefault(plan.fold, []).append(plan.index)
-    rows: dict[str, dict[str, Any]] = {}
-    previous = torch.get_num_threads()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    try:
-        for fold, indices in by_fold.items():
-            fold_model = BrainAgeEnsemble([members[i] for i in indices])
-            for item in plans[indices[0]].val:
-                # From the NIfTI, not the members' volume cache: that cache is float16 by
-                # default (cache_dtype), which moves these predictions by ~1e-5 years and so
-                # the card's OOF metrics and fits, and the float32 NIfTI is what the
-                # participant level reads. One read is cheap next to the MC-dropout and
-                # flip passes of every member of the fold that follow.
-                volume = read_volume(item.image, item.mask, config.input_shape)
-                views = {tta: predict_brain_age(fold_model, volume, mc_samples=mc_samples,
-                                                seed=config.seed, flip_tta=tta)
-                         for tta in (False, True)}
-                rows[item.id] = {"item": item, "fold": fold, **{
-                    ("tta" if tta else "plain"): pred for tta, pred in views.items()}}
-                # grid jitter, with and without the flip, where the views fit the model input
-                if item.native is not None and tuple(config.input_shape) == GRID_SHAPE:
-                    grid = jitter_views(*item.native, DEFAULT_GRID_JITTER)
-                    for tta in (False, True):
-                        rows[item.id][f"{'tta' if tta else 'plain'}_jitter"] = predict_brain_age(
-                            fold_model, volume, mc_samples=mc_samples, seed=config.seed,
-                            flip_tta=tta, views=grid)
-    finally:
-        torch.set_num_threads(previous)
-    return rows
-
-
 def _oof_table(rows: dict[str, dict[str, Any]], flip_tta: bool, grid_jitter: bool) -> str:
     lines = ["\t".join(OOF_COLUMNS)]
     suffix = "_jitter" if grid_jitter else ""
@@ -216,54 +167,6 @@ def _oof_table(rows: dict[str, dict[str, Any]], flip_tta: bool, grid_jitter: boo
                   ",".join(f"{p:.3f}" for p in pred["member_predictions"])]
         lines.append("\t".join(values))
     return "\n".join(lines) + "\n"
-
-
-def _oof_summary(rows: dict[str, dict[str, Any]], seeds_per_fold: int) -> dict[str, Any]:
-    """Metrics with and without flip TTA, the choice, bias and uncertainty fits (all OOF).
-
-    The flip is kept when it lowers the out-of-fold MAE. Grid jitter is on whenever every
-    image had its native outputs: it is there for invariance to how a head is stored (the
-    same head must get the same age), not for accuracy; both MAEs go in the card.
-    """
-    from brainage_bids.model.jitter import DEFAULT_GRID_JITTER
-    from brainage_bids.model.uncertainty import coverage, fit_scale
-
-    ages = np.array([float(r["item"].age) for r in rows.values()])
-    grid_jitter = all("plain_jitter" in r for r in rows.values())
-    keys = ("plain", "tta", "plain_jitter", "tta_jitter") if grid_jitter else ("plain", "tta")
-    results = {}
-    for key in keys:
-        pred = np.array([r[key]["predicted_age"] for r in rows.values()])
-        results[key] = bias_report(ages, pred, errors="record")
-    flip_tta = results["tta"]["uncorrected"]["mae"] < results["plain"]["uncorrected"]["mae"]
-    unjittered = "tta" if flip_tta else "plain"
-    key = f"{unjittered}_jitter" if grid_jitter else unjittered
-    chosen = [r[key] for r in rows.values()]
-    errors = np.array([p["predicted_age"] for p in chosen]) - ages
-    scaled = "raw_sd" if seeds_per_fold > 1 else "mc_sd"
-    spreads = np.array([p["raw_sd"] if scaled == "raw_sd" else p["mc_sd"] for p in chosen])
-    scale = fit_scale(errors, spreads)
-    uncertainty: dict[str, Any] = {
-        "method": "ensemble+mc-dropout", "calibration_scale": scale, "scaled": scaled,
-        "fitted_on": "out-of-fold predictions (each image by the members of its own fold)",
-        "formula": ("sd = sqrt((k * mc_sd)^2 + member_sd^2)" if scaled == "mc_sd"
-                    else "sd = k * sqrt(mc_sd^2 + member_sd^2)"),
-        "raw_coverage_oof": coverage(errors, spreads),
-        "calibrated_coverage_oof": (coverage(errors, scale * spreads) if scale else None),
-        "note": ("the scale is fitted on the same out-of-fold predictions its coverage is "
-                 "reported on; held-out coverage is in the evaluation"),
-    }
-    jitter = None
-    if grid_jitter:
-        jitter = {**DEFAULT_GRID_JITTER,
-                  "chosen_by": ("on whenever every image has its native outputs: for "
-                                "invariance to how a head is stored, not for accuracy"),
-                  "oof_mae_without": results[unjittered]["uncorrected"]["mae"],
-                  "oof_mae_with": results[key]["uncorrected"]["mae"]}
-    return {"flip_tta": bool(flip_tta), "report": results[key],
-            "mae_without_tta": results["plain"]["uncorrected"]["mae"],
-            "mae_with_tta": results["tta"]["uncorrected"]["mae"],
-            "grid_jitter": jitter, "uncertainty": uncertainty}
 
 
 def train_ensemble(config: TrainConfig, items: Sequence[TrainItem], out_dir: str | Path, *,
@@ -302,8 +205,10 @@ def train_ensemble(config: TrainConfig, items: Sequence[TrainItem], out_dir: str
     members = [load_model(members_dir / f"{member_name(config.model_name, p.index)}.json")[0]
                for p in plans]
     LOGGER.info("predicting the held-out fold of each member")
-    rows = _held_out_predictions(plans, members, config, mc_samples)
-    summary = _oof_summary(rows, seeds_per_fold)
+    rows = held_out_predictions(plans, members, config, mc_samples)
+    summary = summarise(rows, seeds_per_fold=seeds_per_fold,
+                        held_out=OUT_OF_FOLD if folds > 1 else VALIDATION,
+                        n_members=len(plans))
     out_dir.mkdir(parents=True, exist_ok=True)
     oof_file = out_dir / f"{config.model_name}_oof.tsv"
     atomic_write_text(oof_file, _oof_table(rows, summary["flip_tta"],
@@ -330,7 +235,6 @@ def _ensemble_card(config: TrainConfig, plans: Sequence[MemberPlan],
               if k not in ("n_train", "n_val", "age_range_train", "age_range_val",
                            "epochs_run", "best_epoch", "stopped_early", "seed",
                            "wall_time_s", "output_bias_init", "device", "world_size")}
-    report = summary["report"]
     data = dict(card_extra.get("training_data") or {})
     if folds > 1:
         data["train_ids"] = sorted(all_items)
@@ -352,13 +256,8 @@ def _ensemble_card(config: TrainConfig, plans: Sequence[MemberPlan],
         "device": card["training"].get("device"),
         "sha256": card["sha256"],
     } for plan, card in zip(plans, member_cards, strict=True)]
-    validation = {**report["uncorrected"],
-                  "kind": "out-of-fold" if folds > 1 else "validation split",
-                  "corrected": report["corrected"], "file": oof_file,
-                  "mae_without_flip_tta": summary["mae_without_tta"],
-                  "mae_with_flip_tta": summary["mae_with_tta"]}
-    if summary["grid_jitter"]:
-        validation["mae_without_grid_jitter"] = summary["grid_jitter"]["oof_mae_without"]
+    entries = card_entries(summary)
+    validation = {**entries["validation"], "file": oof_file}
     extra = {k: v for k, v in card_extra.items() if k != "training_data"}
     return json_safe({
         "name": config.model_name, "card_version": 2,
@@ -376,12 +275,7 @@ def _ensemble_card(config: TrainConfig, plans: Sequence[MemberPlan],
                      "combine": "mean of the members' deterministic predictions",
                      "members": members},
         "software": first["software"],
+        **entries,
         "validation": validation,
         "cross_validation": validation,
-        "bias_correction": {"fitted_on": "out-of-fold predictions", **report["coefficients"]},
-        "uncertainty": summary["uncertainty"],
-        "inference": {"flip_tta": summary["flip_tta"],
-                      "flip_tta_chosen_by": "out-of-fold MAE with and without the flip",
-                      **({"grid_jitter": summary["grid_jitter"]}
-                         if summary["grid_jitter"] else {})},
     })

@@ -94,6 +94,7 @@ from brainage_bids.model.train_config import (
 from brainage_bids.model.train_record import (
     METRIC_COLUMNS,
     RESERVED_CARD_KEYS,
+    CardFinish,
     write_finished_model,
 )
 from brainage_bids.model.weights import build_model
@@ -321,7 +322,8 @@ def train_model(config: TrainConfig, train_items: Sequence[TrainItem],
                 val_items: Sequence[TrainItem], out_dir: str | Path, *,
                 work_dir: str | Path, resume: bool = False, progress: bool = True,
                 card_extra: dict[str, Any] | None = None,
-                init_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+                init_state: dict[str, torch.Tensor] | None = None,
+                finish: CardFinish | None = None) -> dict[str, Any]:
     """Train a BrainAgeNet and write it, with its card, metrics and curve, to ``out_dir``.
 
     Parameters
@@ -349,6 +351,10 @@ def train_model(config: TrainConfig, train_items: Sequence[TrainItem],
         A trained model's state dict to start from instead of a fresh initialisation
         (fine-tuning); ``config.init_from_sha256`` must name its source so that a resume
         can tell parents apart. With ``config.freeze_trunk`` only the dense head trains.
+    finish:
+        Called with the best epoch's model and its card before the card is written, and
+        returns the card to write: the train level's validation-set fits of a single model
+        (:func:`brainage_bids.model.held_out.validation_fits`). Rank 0 only.
 
     Returns
     -------
@@ -372,7 +378,7 @@ def train_model(config: TrainConfig, train_items: Sequence[TrainItem],
     try:
         with _torch_settings(config, env):
             card = _train(config, env, train_items, val_items, out_dir, work_dir, resume,
-                          progress, card_extra, init_state)
+                          progress, card_extra, init_state, finish)
         if env.world > 1:
             import torch.distributed as dist
 
@@ -390,7 +396,8 @@ def train_model(config: TrainConfig, train_items: Sequence[TrainItem],
 def _train(config: TrainConfig, env: DistEnv, train_items: list[TrainItem],
            val_items: list[TrainItem], out_dir: Path, work_dir: Path, resume: bool,
            progress: bool, card_extra: dict[str, Any],
-           init_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+           init_state: dict[str, torch.Tensor] | None = None,
+           finish: CardFinish | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -510,7 +517,7 @@ def _train(config: TrainConfig, env: DistEnv, train_items: list[TrainItem],
     card: dict[str, Any] = {}
     if env.main:
         card = write_finished_model(out_dir, config, env, model, state, train_items, val_items,
-                                    mean_age, card_extra)
+                                    mean_age, card_extra, finish)
     barrier(env)
     return card
 

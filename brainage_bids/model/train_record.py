@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,8 @@ from brainage_bids.model.train_config import TrainConfig, TrainItem
 from brainage_bids.model.weights import build_model, describe_architecture, save_model
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_mae", "val_rmse", "val_r", "lr", "seconds")
+#: Amends a finished model's card: ``finish(model, card) -> card`` (see write_finished_model).
+CardFinish = Callable[[nn.Module, dict[str, Any]], dict[str, Any]]
 #: The card's own top-level keys, which ``card_extra`` may not shadow.
 RESERVED_CARD_KEYS = frozenset({"name", "card_version", "created", "architecture", "input",
                                 "training", "software", "validation", "bias_correction",
@@ -151,11 +153,17 @@ def build_card(config: TrainConfig, env: DistEnv, model: nn.Module, state: Train
 def write_finished_model(out_dir: Path, config: TrainConfig, env: DistEnv, model: nn.Module,
                          state: TrainState, train: Sequence[TrainItem],
                          val: Sequence[TrainItem], mean_age: float,
-                         card_extra: dict[str, Any]) -> dict[str, Any]:
-    """Write the finished artefacts; the model card goes last (see save_model)."""
+                         card_extra: dict[str, Any],
+                         finish: CardFinish | None = None) -> dict[str, Any]:
+    """Write the finished artefacts; the model card goes last (see save_model).
+
+    ``finish`` amends the card of the best epoch's model before anything is written.
+    """
     best = build_model(describe_architecture(model))
     best.load_state_dict(state.best_state)
     card = build_card(config, env, best, state, train, val, mean_age, card_extra)
+    if finish is not None:
+        card = json_safe(finish(best, card))
     stem = out_dir / config.model_name
     write_metrics(stem.with_name(f"{config.model_name}_metrics.tsv"), state.history)
     write_curve(stem.with_name(f"{config.model_name}_curve.svg"), state.history,
