@@ -306,6 +306,33 @@ def test_resuming_a_finished_run_only_rewrites_its_artefacts(trained, split, tmp
     assert again["training"]["epochs_run"] == 3
 
 
+def test_finish_amends_the_card_before_it_is_written(trained, split, tmp_path):
+    """The train level's validation fits run on the best epoch's model; the card on disk is
+    the amended one, and a failing finish leaves no card looking complete."""
+    root, card = trained
+    train, val = split
+    seen = {}
+
+    def finish(model, draft):
+        seen["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return {**draft, "inference": {"flip_tta": False}}
+
+    again = train_model(_config(), train, val, tmp_path / "a", work_dir=root / "work",
+                        resume=True, progress=False, finish=finish)
+    assert again["inference"] == {"flip_tta": False} and again["sha256"] == card["sha256"]
+    assert json.loads((tmp_path / "a" / "tiny.json").read_text()) == again
+    saved = load_file(str(tmp_path / "a" / "tiny.safetensors"))
+    assert all(torch.equal(saved[k], seen["state"][k].contiguous()) for k in saved)
+
+    def broken(model, draft):
+        raise RuntimeError("validation predictions failed")
+
+    with pytest.raises(RuntimeError, match="validation predictions failed"):
+        train_model(_config(), train, val, tmp_path / "b", work_dir=root / "work",
+                    resume=True, progress=False, finish=broken)
+    assert not (tmp_path / "b" / "tiny.json").exists()
+
+
 def test_early_stopping_keeps_the_best_epoch(split, tmp_path, monkeypatch):
     maes = iter([5.0, 4.0, 4.5, 4.6, 3.0, 2.0])
     real = train_module.regression_metrics
