@@ -14,7 +14,8 @@ Then run the participant level on it and compare::
     python evaluation/damaged_sample.py /work/runs/damaged-bids
     brainage-bids /work/runs/damaged-bids /work/runs/damaged-out participant --no-reports
     python evaluation/input_reference.py --derivatives /work/runs/ixi3 \\
-        --check /work/runs/damaged-out --json docs/evaluation/input-reference-v2.json
+        --check /work/runs/damaged-bids /work/runs/damaged-out \\
+        --json docs/evaluation/input-reference-v2.json
 """
 
 from __future__ import annotations

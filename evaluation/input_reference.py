@@ -5,13 +5,13 @@ normalised intensity percentiles of the model's training inputs and a threshold 
 alone. The train level writes it for every model it trains. This script makes it for a model
 trained before that existed, from the participant level's derivatives of the model's training
 participants (every member's training and validation participants for an ensemble). With
-``--check`` it prints each image of other participant-level outputs: its distance, whether it
-passes, and its predicted age where a record exists.
+``--check BIDS_DIR OUTPUT_DIR`` it prints each image of another dataset's participant-level
+outputs: its distance, whether it passes, and its predicted age where a record exists.
 
 ::
 
     python evaluation/input_reference.py --model ixi-2mm-v2 --derivatives /work/runs/ixi3 \\
-        --write-card brainage_bids/data/models/ixi-2mm-v2.json --check OUT1 OUT2
+        --write-card brainage_bids/data/models/ixi-2mm-v2.json --check BIDS1 OUT1
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from evaluate import DEFAULT_BIDS, subjects_of  # noqa: E402
 
-MNI_PREPROC = "*_space-MNI152NLin6Asym_res-2_desc-preproc_T1w.nii.gz"
-
 
 def training_subjects(card: dict) -> list[str]:
     """Every participant the model's networks were trained or early-stopped on."""
@@ -46,23 +44,37 @@ def training_subjects(card: dict) -> list[str]:
     return subjects
 
 
-def check_outputs(output_dir: Path, reference: dict) -> list[dict]:
-    """Distance, pass/fail and (when recorded) predicted age of every model input there."""
+def check_outputs(bids_dir: Path, output_dir: Path, reference: dict) -> list[dict]:
+    """Distance, pass/fail and (when recorded) predicted age of every T1w image of the BIDS
+    dataset whose model input the participant level wrote into ``output_dir``.
+
+    Images are found through pybids and their outputs through the participant level's own
+    naming (:func:`~brainage_bids.derivatives.derivative_path`), never by globbing.
+    """
+    from brainage_bids.bids import collect_t1w, load_layout
+    from brainage_bids.derivatives import derivative_path
+    from brainage_bids.training import MASK, PREPROC
+
     rows = []
-    for image in sorted(output_dir.glob(f"sub-*/**/{MNI_PREPROC}")):
-        stem = image.name.removesuffix("_space-MNI152NLin6Asym_res-2_desc-preproc_T1w.nii.gz")
-        mask = image.with_name(f"{stem}_space-MNI152NLin6Asym_res-2_desc-brain_mask.nii.gz")
-        record_file = image.with_name(f"{stem}_brainage.json")
+    for image in collect_t1w(load_layout(bids_dir, validate=False, index_metadata=False)):
+        model_input = derivative_path(output_dir, image.entities, **PREPROC)
+        if not model_input.is_file():
+            continue  # not processed there (failed, or not selected)
+        mask = derivative_path(output_dir, image.entities, **MASK)
+        record_file = derivative_path(output_dir, image.entities, suffix="brainage",
+                                      extension=".json")
         record = json.loads(record_file.read_text()) if record_file.is_file() else {}
-        value = distance(image_quantiles(image, mask), reference["quantiles"])
+        value = distance(image_quantiles(model_input, mask), reference["quantiles"])
         qc = record.get("qc") or {}
         registration = [v for k, v in qc.items()
                         if k.endswith("_ok") and k != "intensity_distance_ok"]
-        rows.append({"image": stem, "intensity_distance": round(value, 4),
+        rows.append({"image": image.name, "intensity_distance": round(value, 4),
                      "passes": value <= reference["threshold"],
                      "predicted_age": record.get("predicted_age"),
                      "age": record.get("chronological_age"),
                      "registration_qc_pass": all(registration) if registration else None})
+    if not rows:
+        raise ValueError(f"{output_dir}: no model inputs of {bids_dir}'s T1w images there")
     return rows
 
 
@@ -74,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bids", type=Path, default=DEFAULT_BIDS)
     parser.add_argument("--write-card", type=Path,
                         help="write the model's card with the reference added here")
-    parser.add_argument("--check", type=Path, nargs="*", default=[],
-                        help="participant-level output directories to check")
+    parser.add_argument("--check", type=Path, nargs=2, action="append", default=[],
+                        metavar=("BIDS_DIR", "OUTPUT_DIR"),
+                        help="check the images of a BIDS dataset in its participant-level "
+                             "outputs (repeatable)")
     parser.add_argument("--json", type=Path, help="write the reference and the checks here")
     args = parser.parse_args(argv)
     try:
@@ -83,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         items = ev.preprocessed_items(args.derivatives, args.bids, training_subjects(card))
         reference = fit_reference([image_quantiles(it.image, it.mask) for it in items],
                                   groups=[it.id for it in items])
-        checks = {str(d): check_outputs(d, reference) for d in args.check}
+        checks = {str(out): check_outputs(bids, out, reference) for bids, out in args.check}
     except (ModelError, ValueError, OSError) as exc:
         print(f"input_reference: {exc}", file=sys.stderr)
         return 1

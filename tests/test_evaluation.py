@@ -362,6 +362,34 @@ def test_input_reference_is_made_from_every_training_participant_of_v2():
         reference.training_subjects({"name": "x"})
 
 
+def test_input_reference_checks_find_images_through_bids_naming(tmp_path):
+    """Sessions included, through the participant level's own output names; an image
+    without a model input is left out, and outputs of none are an error."""
+    from brainage_bids.derivatives import derivative_path
+    from brainage_bids.model.input_reference import image_quantiles
+    from brainage_bids.templates import template_path
+    from tests.test_group import MNI, build_study
+
+    settings = build_study(tmp_path, images={"03", "11"})
+    quantiles = image_quantiles(template_path("brain"), template_path("brain", "mask"))
+    reference = {"quantiles": quantiles.tolist(), "threshold": 0.1}
+    check = _script("input_reference").check_outputs
+    derivative_path(settings.output_dir, {"subject": "03"}, suffix="T1w",
+                    extension=".nii.gz", desc="preproc", **MNI).unlink()
+    rows = check(settings.bids_dir, settings.output_dir, reference)
+    assert [r["image"] for r in rows] == ["sub-11_ses-1", "sub-11_ses-2"]
+    records = [json.loads(derivative_path(settings.output_dir, {"subject": "11",
+                                                                "session": ses},
+                                          suffix="brainage", extension=".json").read_text())
+               for ses in ("1", "2")]
+    for row, record in zip(rows, records, strict=True):
+        assert row["intensity_distance"] == pytest.approx(0.0, abs=1e-4) and row["passes"]
+        assert row["predicted_age"] == record["predicted_age"]
+        assert row["age"] == record["chronological_age"]
+    with pytest.raises(ValueError, match="no model inputs"):
+        check(settings.bids_dir, tmp_path / "empty", reference)
+
+
 def test_damaged_copies_change_the_intensities_not_the_head():
     damaged = _script("damaged_sample").damaged
     rng = np.random.default_rng(0)
