@@ -15,7 +15,7 @@ from ``docs/evaluation/grid-jitter-oof.json``):
 
 ::
 
-    python evaluation/linear_baseline.py --derivatives /work/runs/ixi3 \\
+    python evaluation/linear_baseline.py --derivatives /work/runs/ixi3 --block 2 3 4 \\
         --json docs/evaluation/linear-baseline-oof.json
 """
 
@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
                  "r_errors_with_ensemble": error_correlation(ages, pred, cnn),
                  "r_errors_with_ensemble_age_detrended": error_correlation(ages, pred, cnn,
                                                                            detrend=True),
+                 # would the two models' disagreement rank the ensemble's errors (an
+                 # uncertainty that the ensemble's own spreads do not give)?
+                 "r_disagreement_with_ensemble_abs_error": float(np.corrcoef(
+                     np.abs(cnn - pred), np.abs(cnn - ages))[0, 1]),
                  "blends": {str(w): _row(ages, w * cnn + (1 - w) * pred)
                             for w in BLEND_WEIGHTS}}
         results["linear"].append(entry)
@@ -187,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  r(ensemble error, ridge error) = {entry['r_errors_with_ensemble']:.2f}; "
               f"after each error's trend with age: "
               f"{entry['r_errors_with_ensemble_age_detrended']:.2f}")
+        print(f"  r(|ensemble - ridge|, |ensemble error|) = "
+              f"{entry['r_disagreement_with_ensemble_abs_error']:.2f}")
     if args.json:
         ev.write_json(args.json, results)
     return 0
