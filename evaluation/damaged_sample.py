@@ -29,6 +29,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from brainage_bids.bids import collect_t1w, load_layout
+from brainage_bids.derivatives import derivative_path
+
 HERE = Path(__file__).resolve().parent
 SAMPLE = HERE.parent / "examples" / "ixi-sample"
 
@@ -56,24 +59,26 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.bids / "participants.tsv", newline="") as table:
         ages = {row["participant_id"]: row.get("age", "n/a")
                 for row in csv.DictReader(table, delimiter="\t")}
+    images = collect_t1w(load_layout(args.bids, validate=False, index_metadata=False))
     args.out.mkdir(parents=True)
     shutil.copy(args.bids / "dataset_description.json", args.out)
-    sources = sorted(args.bids.glob("sub-*/anat/sub-*_T1w.nii.gz"))  # no sessions, one run
-    subjects = [source.name.split("_")[0] for source in sources]
-    if len(set(subjects)) != len(subjects):
-        print("damaged_sample: one T1w per participant (no sessions, no runs), please",
-              file=sys.stderr)
-        return 1
-    for source, subject in zip(sources, subjects, strict=True):
-        img = nib.load(source)
+    labels: dict[str, str] = {}  # new participant label -> its source's
+    for image in images:  # sessions and runs keep their entities under the new label
+        img = nib.load(image.path)
         for suffix, data in damaged(np.asanyarray(img.dataobj, dtype=np.float64)).items():
-            label = f"{subject}{suffix}"
-            anat = args.out / label / "anat"
-            anat.mkdir(parents=True)
-            nib.save(nib.Nifti1Image(data, img.affine, img.header), anat / f"{label}_T1w.nii.gz")
-            rows.append(f"{label}\t{ages.get(subject, 'n/a')}")
+            label = f"{image.subject}{suffix}"
+            target = derivative_path(args.out, {**image.entities, "subject": label},
+                                     suffix="T1w", extension=".nii.gz")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(data, img.affine, img.header), target)
+            labels[label] = image.subject
+    for label, subject in labels.items():
+        rows.append(f"sub-{label}\t{ages.get(f'sub-{subject}', 'n/a')}")
+        sessions = args.bids / f"sub-{subject}" / f"sub-{subject}_sessions.tsv"
+        if sessions.is_file():  # session ages
+            shutil.copy(sessions, args.out / f"sub-{label}" / f"sub-{label}_sessions.tsv")
     (args.out / "participants.tsv").write_text("\n".join(rows) + "\n")
-    print(f"wrote {len(rows) - 1} heads to {args.out}")
+    print(f"wrote {len(images) * 4} images of {len(labels)} participants to {args.out}")
     return 0
 
 

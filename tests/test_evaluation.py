@@ -418,3 +418,32 @@ def test_linear_baseline_leave_one_out_shortcut_matches_refitting():
         brute = np.mean(np.abs(np.array(refitted) - y))
         # the shortcut's scale comes from all rows, a refit's from the others: nearly equal
         assert baseline.loo_mae(x, y, np.array([alpha]))[0] == pytest.approx(brute, rel=0.05)
+
+
+def test_damaged_sample_keeps_sessions_and_their_ages(tmp_path):
+    """Every T1w image, sessions and runs included, gets its three damaged copies under new
+    participant labels, with the source's age (participants.tsv) and session ages."""
+    bids = tmp_path / "bids"
+    rng = np.random.default_rng(0)
+    (bids / "sub-01" / "ses-a" / "anat").mkdir(parents=True)
+    (bids / "sub-01" / "ses-b" / "anat").mkdir(parents=True)
+    (bids / "sub-02" / "anat").mkdir(parents=True)
+    (bids / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.9.0"}')
+    (bids / "participants.tsv").write_text("participant_id\tage\nsub-01\t30\nsub-02\t60\n")
+    (bids / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-a\t30\n"
+                                                         "ses-b\t32\n")
+    for path in ("sub-01/ses-a/anat/sub-01_ses-a_T1w.nii.gz",
+                 "sub-01/ses-b/anat/sub-01_ses-b_T1w.nii.gz", "sub-02/anat/sub-02_T1w.nii.gz"):
+        nib.save(nib.Nifti1Image(rng.uniform(0, 900, (8, 8, 8)).astype(np.float32), np.eye(4)),
+                 bids / path)
+    out = tmp_path / "damaged"
+    assert _script("damaged_sample").main([str(out), "--bids", str(bids)]) == 0
+    made = sorted(p.relative_to(out).as_posix() for p in out.rglob("*_T1w.nii.gz"))
+    assert len(made) == 12
+    assert "sub-01gamma2/ses-b/anat/sub-01gamma2_ses-b_T1w.nii.gz" in made
+    assert "sub-02speckle/anat/sub-02speckle_T1w.nii.gz" in made
+    rows = (out / "participants.tsv").read_text().splitlines()
+    assert "sub-01post8\t30" in rows and "sub-02gamma2\t60" in rows and len(rows) == 9
+    assert (out / "sub-01speckle" / "sub-01speckle_sessions.tsv").read_text().endswith(
+        "ses-b\t32\n")
+    assert _script("damaged_sample").main([str(out), "--bids", str(bids)]) == 1  # exists

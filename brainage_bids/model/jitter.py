@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 #: Recorded in a model card's ``inference`` block to switch the jitter on for that model.
 GRID_JITTER_KEY = "grid_jitter"
-#: What the train level uses for the models it trains (ensembles and single models): 8 views, offsets up to half a
-#: 2 mm voxel per axis (measured with ixi-2mm-v2, see docs/model-card.md).
+#: What the train level uses for the models it trains (ensembles and single models): 8
+#: views, offsets up to half a 2 mm voxel per axis (measured with ixi-2mm-v2, see
+#: docs/model-card.md).
 DEFAULT_GRID_JITTER: dict[str, Any] = {"n": 8, "max_mm": 1.0, "seed": 0}
 
 
