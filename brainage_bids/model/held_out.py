@@ -16,6 +16,7 @@ fits are slightly optimistic; an ensemble's out-of-fold predictions are not.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,8 @@ import numpy as np
 
 from brainage_bids.metrics import bias_report
 from brainage_bids.model.train_config import TrainConfig, TrainItem
+
+LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,13 @@ def summarise(rows: dict[str, dict[str, Any]], *, seeds_per_fold: int, held_out:
 
     ages = np.array([float(r["item"].age) for r in rows.values()])
     grid_jitter = all("plain_jitter" in r for r in rows.values())
+    without = sorted(i for i, r in rows.items() if "plain_jitter" not in r)
+    if without:
+        LOGGER.warning("grid jitter stays off for this model: %d of %d held-out image(s) lack "
+                       "their native-space brain and transform (e.g. %s; derivatives of an "
+                       "older version, or a model input that is not the template grid); rerun "
+                       "the participant level on them to add these outputs", len(without),
+                       len(rows), without[0])
     keys = ("plain", "tta", "plain_jitter", "tta_jitter") if grid_jitter else ("plain", "tta")
     results = {}
     for key in keys:
