@@ -31,6 +31,7 @@ from brainage_bids import __version__
 from brainage_bids.config import BIAS_METHODS, Settings
 from brainage_bids.derivatives import QC_FALSE, QC_TRUE, derivative_path
 from brainage_bids.io import atomic_path, atomic_write_json
+from brainage_bids.metrics import ADVISED_FIT, card_fit_warning
 
 LOG = logging.getLogger(__name__)
 
@@ -38,10 +39,6 @@ TABLE_NAME = "group_brainage"
 NA = "n/a"
 #: Smallest number of images with ages for fitting a bias correction on the data.
 MIN_FIT = 3
-#: Below this many images a fitted correction's slope is unstable: fitted on three subsets
-#: each of 10, 20 and 40 IXI participants, the de Lange & Cole slope ranged 0.19-0.49,
-#: 0.47-0.70 and 0.60-0.64 (docs/fine-tuning.md), so the group level warns.
-ADVISED_FIT = 40
 #: A de Lange & Cole slope below this multiplies the errors by more than 2.
 LOW_COLE_SLOPE = 0.5
 #: Prefix of participants.tsv columns whose names clash with the table's own columns.
@@ -357,6 +354,8 @@ def bias_coefficients(table: pd.DataFrame, *, card: dict[str, Any] | None,
         LOG.warning("bias corrections fitted on %s use only %d image(s): with fewer than about "
                     "%d the fitted slope is unstable and corrected gaps can be further off than "
                     "uncorrected ones (docs/fine-tuning.md)", where, n_fit, ADVISED_FIT)
+    if reference is None and card and (warning := card_fit_warning(card)):
+        LOG.warning("%s", warning)
     for method in BIAS_METHODS:
         fitted = card_bias.get(method)
         if (reference is None and method != "smith" and isinstance(fitted, dict)

@@ -28,6 +28,26 @@ import numpy as np
 BIAS_METHODS: tuple[str, ...] = ("beheshti", "cole", "smith")
 #: The fewest complete (age, prediction) pairs a bias fit accepts.
 MIN_FIT_POINTS = 3
+#: Below this many images a fitted correction's slope is unstable: fitted on three subsets
+#: each of 10, 20 and 40 IXI participants, the de Lange & Cole slope ranged 0.19-0.49,
+#: 0.47-0.70 and 0.60-0.64 (docs/fine-tuning.md), so fits on fewer are warned about.
+ADVISED_FIT = 40
+
+
+def card_fit_warning(card: dict[str, Any]) -> str | None:
+    """One line when a model card's bias coefficients were fitted on fewer than
+    :data:`ADVISED_FIT` images (a small validation split, or fine-tuning on a few controls);
+    None when they were not, or when the card has none."""
+    bias = card.get("bias_correction") or {}
+    sizes = [entry.get("n") for entry in bias.values()
+             if isinstance(entry, dict) and isinstance(entry.get("n"), int)]
+    if not sizes or min(sizes) >= ADVISED_FIT:
+        return None
+    return (f"model {card.get('name')}: its bias correction was fitted on only {min(sizes)} "
+            f"held-out image(s) ({bias.get('fitted_on', 'see its card')}); with fewer than "
+            f"about {ADVISED_FIT} the slope is unstable and corrected gaps can be further off "
+            "than uncorrected ones: report uncorrected gaps beside them, or fit the correction "
+            "on at least 40 of your own controls (group --bias-reference)")
 
 
 def _as_1d(values: Any, name: str) -> np.ndarray:

@@ -408,3 +408,30 @@ def test_small_reference_groups_and_flat_cole_slopes_are_warned_about(caplog):
         bias_coefficients(big, card=None, reference=np.ones(len(big), bool),
                           reference_spec="group=control", model_spec=MODEL)
     assert "use only" not in caplog.text and "fitted slope" not in caplog.text
+
+
+def test_card_coefficients_fitted_on_few_images_are_warned_about(caplog):
+    """v1's card (24 validation images) gets the warning; v2's (120 out of fold) does not;
+    a reference group replaces the card's fit, so then there is nothing to warn about."""
+    import pandas as pd
+
+    from brainage_bids.group import bias_coefficients
+    from brainage_bids.model.weights import read_card
+
+    models = Path(__file__).resolve().parents[1] / "brainage_bids" / "data" / "models"
+    v1, v2 = (read_card(models / f"ixi-2mm-{v}.json") for v in ("v1", "v2"))
+    age = np.linspace(20, 80, 50)
+    table = pd.DataFrame({"age": age, "predicted_age": 0.8 * age + 10.0, "qc_pass": QC_TRUE})
+    with caplog.at_level("WARNING", logger="brainage_bids"):
+        out = bias_coefficients(table, card=v1, reference=None, reference_spec=None,
+                                model_spec="ixi-2mm-v1")
+    assert ("model ixi-2mm-v1: its bias correction was fitted on only 24 held-out image(s) "
+            "(validation set, predictions of the best epoch)") in caplog.text
+    assert out["beheshti"]["Source"].startswith("model card")  # still used, with the warning
+    for card, reference in ((v2, None), (v1, np.ones(len(age), bool))):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="brainage_bids"):
+            bias_coefficients(table, card=card, reference=reference,
+                              reference_spec=None if reference is None else "group=control",
+                              model_spec=card["name"])
+        assert "held-out image(s)" not in caplog.text

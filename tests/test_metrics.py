@@ -159,3 +159,19 @@ def test_bias_report_records_or_raises():
     assert "at least 3" in recorded["coefficients"]["beheshti"]["error"]
     with pytest.raises(ValueError):
         bias_report([20, 30], [25, 30])
+
+
+def test_card_fit_warning_names_the_smallest_fit():
+    from brainage_bids.metrics import ADVISED_FIT, card_fit_warning
+
+    card = {"name": "site-ft", "bias_correction": {
+        "fitted_on": "out-of-fold predictions", "beheshti": {"n": 12, "slope": -0.3},
+        "cole": {"n": 12, "slope": 0.7}}}
+    warning = card_fit_warning(card)
+    assert warning.startswith("model site-ft: its bias correction was fitted on only 12 "
+                              "held-out image(s) (out-of-fold predictions)")
+    assert f"fewer than about {ADVISED_FIT}" in warning
+    card["bias_correction"]["beheshti"]["n"] = card["bias_correction"]["cole"]["n"] = 40
+    assert card_fit_warning(card) is None
+    assert card_fit_warning({"name": "x"}) is None
+    assert card_fit_warning({"bias_correction": {"cole": {"error": "too few"}}}) is None

@@ -127,12 +127,15 @@ def select_images(settings: Settings) -> list:
 
 def _resolve_model(spec: str, device: str) -> tuple[str, dict]:
     """Load the model once up front so that a bad ``--model`` fails before any work."""
+    from brainage_bids.metrics import card_fit_warning
     from brainage_bids.model.weights import load_model
 
     path = Path(spec).expanduser()
     resolved = str(path.resolve()) if path.exists() else spec
     _, card = load_model(resolved, device="cpu")
     LOG.info("model %s (sha256 %s)", card.get("name"), str(card.get("sha256"))[:12])
+    if warning := card_fit_warning(card):  # the records' corrected gaps use these
+        LOG.warning("%s", warning)
     return resolved, card
 
 
@@ -225,6 +228,7 @@ def summarise_participants(images, settings: Settings, failures: dict[str, str],
 
 def run_train(settings: Settings) -> int:
     from brainage_bids.bids import write_dataset_description
+    from brainage_bids.metrics import card_fit_warning
     from brainage_bids.training import train_from_bids
 
     images = select_images(settings)
@@ -233,4 +237,6 @@ def run_train(settings: Settings) -> int:
     LOG.info("model written: %s (validation MAE %.2f years)",
              settings.output_dir / "models" / f"{card['name']}.safetensors",
              card["validation"]["mae"])
+    if warning := card_fit_warning(card):
+        LOG.warning("%s", warning)
     return EXIT_OK
