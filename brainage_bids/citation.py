@@ -254,22 +254,31 @@ def _preprocessing(methods: Methods, backend: str, versions: dict[str, str]) -> 
 
 def describe_uncertainty(*, samples: Any, n_members: int = 1, scale: Any = None,
                          scaled: str | None = "mc_sd", fitted_on: str | None = None,
-                         cite: str = "") -> str:
+                         method: str | None = None, cite: str = "") -> str:
     """What a prediction's SD is, as a clause (methods text, report captions).
 
     Follows :func:`brainage_bids.model.uncertainty.calibrated_sd`: a single model's SD is its
     Monte-Carlo dropout spread, scaled; an ensemble's combines the members' spread with it,
     and the card says which of the two the calibration scale multiplies (``scaled``).
+    ``method`` is the record's or card's ``uncertainty.method``: ``none`` and ``ensemble``
+    mean a model without dropout.
     """
+    if method == "none":
+        return "not available (the model has no dropout)"
     cite = f" {cite}" if cite else ""
-    if n_members > 1:
+    dropout = method != "ensemble"
+    if n_members > 1 and dropout:
         text = (f"the standard deviation of the {n_members} members' predictions combined with "
                 f"their Monte-Carlo dropout standard deviation ({samples} passes each){cite}")
+    elif n_members > 1:
+        text = f"the standard deviation of the {n_members} members' predictions"
     else:
         text = f"the standard deviation of {samples} Monte-Carlo dropout predictions{cite}"
-    if not isinstance(scale, int | float) or isinstance(scale, bool) or scale <= 0:
+    calibrated = (isinstance(scale, int | float) and not isinstance(scale, bool) and scale > 0
+                  and (dropout or scaled == "raw_sd"))
+    if not calibrated:
         return text + ", not calibrated"
-    held_out = "predictions the model was not trained on" + (f" ({fitted_on})" if fitted_on
+    held_out = "predictions the model was not trained on" + (f": {fitted_on}" if fitted_on
                                                              else "")
     if n_members > 1 and scaled == "mc_sd":
         return (text + f", as sqrt((k * MC-dropout SD)^2 + member SD^2) with k = {scale:.3g}, "
@@ -329,7 +338,7 @@ def _model(methods: Methods, card: dict[str, Any], versions: dict[str, str],
     text += (" The uncertainty is " + describe_uncertainty(
         samples=mc_samples, n_members=n_members, scale=uncertainty.get("calibration_scale"),
         scaled=uncertainty.get("scaled", "mc_sd"), fitted_on=uncertainty.get("fitted_on"),
-        cite=methods.cite("gal2016")) + ".")
+        method=uncertainty.get("method"), cite=methods.cite("gal2016")) + ".")
     if saliency:
         text += (" Saliency maps were computed with Grad-CAM for each convolution block "
                  f"{methods.cite('selvaraju2017')}.")

@@ -361,7 +361,7 @@ def bias_coefficients(table: pd.DataFrame, *, card: dict[str, Any] | None,
         if (reference is None and method != "smith" and isinstance(fitted, dict)
                 and "error" not in fitted):  # an "error" entry: too few validation images
             fitted_on = card_bias.get("fitted_on") or "the training run's held-out images"
-            out[method] = {"Source": f"model card (fitted on {fitted_on})",
+            out[method] = {"Source": f"model card, fitted on {fitted_on}",
                            "Model": (card or {}).get("name"),
                            "ModelSpec": model_spec, "N": card_bias[method].get("n"),
                            "Coefficients": card_bias[method]}

@@ -43,11 +43,12 @@ def card_fit_warning(card: dict[str, Any]) -> str | None:
              if isinstance(entry, dict) and isinstance(entry.get("n"), int)]
     if not sizes or min(sizes) >= ADVISED_FIT:
         return None
-    return (f"model {card.get('name')}: its bias correction was fitted on only {min(sizes)} "
-            f"held-out image(s) ({bias.get('fitted_on', 'see its card')}); with fewer than "
+    return (f"model {card.get('name')}: its bias correction was fitted on "
+            f"{bias.get('fitted_on', 'held-out predictions')}, only {min(sizes)} image(s); "
+            f"with fewer than "
             f"about {ADVISED_FIT} the slope is unstable and corrected gaps can be further off "
             "than uncorrected ones: report uncorrected gaps beside them, or fit the correction "
-            "on at least 40 of your own controls (group --bias-reference)")
+            f"on at least {ADVISED_FIT} of your own controls (group --bias-reference)")
 
 
 def _as_1d(values: Any, name: str) -> np.ndarray:

@@ -29,7 +29,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from brainage_bids.bids import collect_t1w, load_layout
+from brainage_bids.bids import BIDSError, collect_t1w, load_layout
 from brainage_bids.derivatives import derivative_path
 
 HERE = Path(__file__).resolve().parent
@@ -56,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"damaged_sample: {args.out} exists", file=sys.stderr)
         return 1
     rows = ["participant_id\tage"]
-    with open(args.bids / "participants.tsv", newline="") as table:
-        ages = {row["participant_id"]: row.get("age", "n/a")
-                for row in csv.DictReader(table, delimiter="\t")}
-    images = collect_t1w(load_layout(args.bids, validate=False, index_metadata=False))
+    try:
+        with open(args.bids / "participants.tsv", newline="") as table:
+            ages = {row["participant_id"]: row.get("age", "n/a")
+                    for row in csv.DictReader(table, delimiter="\t")}
+        images = collect_t1w(load_layout(args.bids, validate=False, index_metadata=False))
+    except (BIDSError, OSError, ValueError, KeyError) as exc:
+        print(f"damaged_sample: {args.bids}: {exc}", file=sys.stderr)
+        return 1
     args.out.mkdir(parents=True)
     shutil.copy(args.bids / "dataset_description.json", args.out)
     labels: dict[str, str] = {}  # new participant label -> its source's

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from brainage_bids import evaluation as ev
+from brainage_bids.bids import BIDSError
 from brainage_bids.io import atomic_write_json
 from brainage_bids.model.input_reference import distance, fit_reference, image_quantiles
 from brainage_bids.model.weights import ModelError, load_model
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         reference = fit_reference([image_quantiles(it.image, it.mask) for it in items],
                                   groups=[it.id for it in items])
         checks = {str(out): check_outputs(bids, out, reference) for bids, out in args.check}
-    except (ModelError, ValueError, OSError) as exc:
+    except (ModelError, BIDSError, ValueError, OSError) as exc:
         print(f"input_reference: {exc}", file=sys.stderr)
         return 1
     loo = reference["distance_leave_one_out"]

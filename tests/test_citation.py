@@ -37,8 +37,8 @@ def test_participant_methods_describe_the_ants_run_and_the_model():
             "Monte-Carlo dropout standard deviation (20 passes each)" in text)
     assert (f"sqrt((k * MC-dropout SD)^2 + member SD^2) with k = "
             f"{card['uncertainty']['calibration_scale']:.3g}, fitted so that it matches the "
-            f"errors of predictions the model was not trained on "
-            f"({card['uncertainty']['fitted_on']})" in text)
+            f"errors of predictions the model was not trained on: "
+            f"{card['uncertainty']['fitted_on']}." in text)
     assert "validation set" not in text  # v2 is calibrated and bias-fitted out of fold
     assert ("averaged over that image and 8 more resamplings of the native-space brain" in text
             and "up to 1 mm per axis, each with its left-right mirror image." in text)
@@ -96,5 +96,18 @@ def test_single_model_uncertainty_names_where_its_scale_was_fitted():
                                versions=VERSIONS).markdown()
     assert ("The uncertainty is the standard deviation of 20 Monte-Carlo dropout predictions "
             "(Gal & Ghahramani, 2016), scaled by 7.25 so that it matches the errors of "
-            "predictions the model was not trained on (validation set (24 images))." in text)
+            "predictions the model was not trained on: validation set (24 images)." in text)
     assert "members" not in text
+
+
+def test_uncertainty_of_models_without_dropout():
+    from brainage_bids.citation import describe_uncertainty
+
+    assert describe_uncertainty(samples=20, method="none") == (
+        "not available (the model has no dropout)")
+    assert describe_uncertainty(samples=20, n_members=3, method="ensemble", scale=2.0,
+                                scaled="mc_sd") == (
+        "the standard deviation of the 3 members' predictions, not calibrated")
+    assert describe_uncertainty(samples=20, n_members=3, method="ensemble", scale=2.0,
+                                scaled="raw_sd").startswith(
+        "the standard deviation of the 3 members' predictions, scaled by 2 so that")

@@ -447,3 +447,6 @@ def test_damaged_sample_keeps_sessions_and_their_ages(tmp_path):
     assert (out / "sub-01speckle" / "sub-01speckle_sessions.tsv").read_text().endswith(
         "ses-b\t32\n")
     assert _script("damaged_sample").main([str(out), "--bids", str(bids)]) == 1  # exists
+    assert _script("damaged_sample").main([str(tmp_path / "new"), "--bids",
+                                           str(tmp_path / "no-such-dataset")]) == 1
+    assert not (tmp_path / "new").exists()

@@ -42,7 +42,7 @@ def test_single_model_fits_on_its_validation_split():
     uncertainty = entries["uncertainty"]
     assert (uncertainty["method"], uncertainty["formula"]) == ("mc-dropout", "sd = k * mc_sd")
     assert uncertainty["fitted_on"].startswith("validation-split predictions")
-    assert uncertainty["fitted_on"].endswith("with grid jitter")
+    assert "with grid jitter (" in uncertainty["fitted_on"]
     assert entries["bias_correction"]["fitted_on"] == uncertainty["fitted_on"]
     errors = np.array([r["tta_jitter"]["predicted_age"] - r["item"].age for r in _rows().values()])
     spreads = np.array([r["tta_jitter"]["mc_sd"] for r in _rows().values()])
@@ -52,7 +52,8 @@ def test_single_model_fits_on_its_validation_split():
 
 def test_ensemble_labels_and_jitter_off_when_an_image_lacks_native_outputs(caplog):
     with caplog.at_level(logging.WARNING, logger="brainage_bids.model.held_out"):
-        summary = summarise(_rows(missing=1), seeds_per_fold=1, held_out=OUT_OF_FOLD)
+        summary = summarise(_rows(missing=1), seeds_per_fold=1, held_out=OUT_OF_FOLD,
+                            n_members=5)
     entries = card_entries(summary)
     assert "grid_jitter" not in entries["inference"]
     assert "1 of 12 held-out image(s) lack their native-space brain" in caplog.text
@@ -61,8 +62,26 @@ def test_ensemble_labels_and_jitter_off_when_an_image_lacks_native_outputs(caplo
     assert entries["uncertainty"]["formula"] == "sd = sqrt((k * mc_sd)^2 + member_sd^2)"
     assert entries["validation"]["kind"] == "out-of-fold"
     assert entries["inference"]["flip_tta_chosen_by"].startswith("out-of-fold MAE")
-    assert not entries["uncertainty"]["fitted_on"].endswith("with grid jitter")
+    assert "with grid jitter" not in entries["uncertainty"]["fitted_on"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="brainage_bids.model.held_out"):
-        summarise(_rows(jitter=False), seeds_per_fold=1, held_out=OUT_OF_FOLD)
+        summarise(_rows(jitter=False), seeds_per_fold=1, held_out=OUT_OF_FOLD, n_members=5)
     assert "12 of 12 held-out image(s)" in caplog.text
+
+
+def test_a_model_without_dropout_gets_no_uncertainty_scale():
+    rows = _rows()
+    for row in rows.values():
+        for key in ("plain", "tta", "plain_jitter", "tta_jitter"):
+            row[key] = {**row[key], "mc_sd": 0.0, "raw_sd": 0.0}
+    uncertainty = summarise(rows, seeds_per_fold=1, held_out=VALIDATION,
+                            n_members=1)["uncertainty"]
+    assert uncertainty["method"] == "none" and uncertainty["calibration_scale"] is None
+    assert uncertainty["formula"] is None
+
+
+def test_fitted_on_names_the_predictions_and_the_views():
+    assert OUT_OF_FOLD.fitted_on(True) == ("out-of-fold predictions with grid jitter (each "
+                                           "image by the members of its own fold)")
+    assert VALIDATION.fitted_on(False) == ("validation-split predictions (the images that "
+                                           "also chose the best epoch)")

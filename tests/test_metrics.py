@@ -168,8 +168,8 @@ def test_card_fit_warning_names_the_smallest_fit():
         "fitted_on": "out-of-fold predictions", "beheshti": {"n": 12, "slope": -0.3},
         "cole": {"n": 12, "slope": 0.7}}}
     warning = card_fit_warning(card)
-    assert warning.startswith("model site-ft: its bias correction was fitted on only 12 "
-                              "held-out image(s) (out-of-fold predictions)")
+    assert warning.startswith("model site-ft: its bias correction was fitted on out-of-fold "
+                              "predictions, only 12 image(s); with fewer than")
     assert f"fewer than about {ADVISED_FIT}" in warning
     card["bias_correction"]["beheshti"]["n"] = card["bias_correction"]["cole"]["n"] = 40
     assert card_fit_warning(card) is None

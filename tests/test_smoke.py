@@ -228,7 +228,7 @@ def test_train_level_two_epochs_on_real_heads(tmp_path):
     jitter = card["inference"]["grid_jitter"]
     assert jitter["n"] == 8 and isinstance(card["inference"]["flip_tta"], bool)
     validation = card["validation"]
-    assert validation["kind"] == "validation split" and validation["n_images"] == 3
+    assert validation["kind"] == "validation split" and validation["n"] == 3
     assert validation["mae"] == pytest.approx(jitter["validation_mae_with"])
     assert validation["at_epoch"] in (1, 2) and validation["mae_during_training"] > 0
     uncertainty = card["uncertainty"]

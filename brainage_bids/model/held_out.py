@@ -45,30 +45,41 @@ class HeldOut:
     """Which held-out predictions a card's fits come from, in the card's words."""
 
     kind: str  #: the card's ``validation.kind``
-    fitted_on: str  #: what the fits' ``fitted_on`` says
+    predictions: str  #: what the fits' ``fitted_on`` names ...
+    detail: str  #: ... and adds in brackets
+    chooser: str  #: whose MAE chose the flip
     prefix: str  #: of the grid-jitter MAEs in ``inference.grid_jitter``
 
+    def fitted_on(self, grid_jitter: bool) -> str:
+        jitter = " with grid jitter" if grid_jitter else ""
+        return f"{self.predictions}{jitter} ({self.detail})"
 
-OUT_OF_FOLD = HeldOut("out-of-fold",
-                      "out-of-fold predictions (each image by the members of its own fold)",
-                      "oof")
-VALIDATION = HeldOut("validation split",
-                     "validation-split predictions (the images that also chose the best "
-                     "epoch)", "validation")
+
+OUT_OF_FOLD = HeldOut("out-of-fold", "out-of-fold predictions",
+                      "each image by the members of its own fold", "out-of-fold", "oof")
+VALIDATION = HeldOut("validation split", "validation-split predictions",
+                     "the images that also chose the best epoch", "validation", "validation")
 
 
 def held_out_predictions(plans: Sequence[MemberPlan], members: Sequence[Any],
                          config: TrainConfig, mc_samples: int) -> dict[str, dict[str, Any]]:
     """Each held-out image's prediction by the members that never trained on it (its fold's),
     with and without the flip (``plain``, ``tta``) and, where the image has its native
-    outputs and the model the template grid, with grid jitter (``*_jitter``)."""
+    outputs and the model the template grid, with grid jitter (``*_jitter``).
+
+    On the training device (``config.device``); the members are left on the CPU.
+    """
     import torch
 
     from brainage_bids.model.data import read_volume
     from brainage_bids.model.ensemble import BrainAgeEnsemble
     from brainage_bids.model.jitter import DEFAULT_GRID_JITTER, jitter_views
-    from brainage_bids.model.predict import predict_brain_age
+    from brainage_bids.model.predict import predict_brain_age, resolve_device
     from brainage_bids.templates import GRID_SHAPE
+
+    if mc_samples < 1:
+        raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
+    device = resolve_device(config.device)
 
     by_fold: dict[int, list[int]] = {}
     for plan in plans:
@@ -88,7 +99,7 @@ def held_out_predictions(plans: Sequence[MemberPlan], members: Sequence[Any],
                 # flip passes of every member of the fold that follow.
                 volume = read_volume(item.image, item.mask, config.input_shape)
                 views = {tta: predict_brain_age(fold_model, volume, mc_samples=mc_samples,
-                                                seed=config.seed, flip_tta=tta)
+                                                seed=config.seed, flip_tta=tta, device=device)
                          for tta in (False, True)}
                 rows[item.id] = {"item": item, "fold": fold, **{
                     ("tta" if tta else "plain"): pred for tta, pred in views.items()}}
@@ -98,14 +109,16 @@ def held_out_predictions(plans: Sequence[MemberPlan], members: Sequence[Any],
                     for tta in (False, True):
                         rows[item.id][f"{'tta' if tta else 'plain'}_jitter"] = predict_brain_age(
                             fold_model, volume, mc_samples=mc_samples, seed=config.seed,
-                            flip_tta=tta, views=grid)
+                            flip_tta=tta, views=grid, device=device)
     finally:
         torch.set_num_threads(previous)
+        for member in members:  # as they came: on the CPU, in the default memory format
+            member.to(device="cpu", memory_format=torch.contiguous_format)
     return rows
 
 
 def summarise(rows: dict[str, dict[str, Any]], *, seeds_per_fold: int, held_out: HeldOut,
-              n_members: int = 2) -> dict[str, Any]:
+              n_members: int) -> dict[str, Any]:
     """Metrics with and without the flip and grid jitter, the choices, the bias and the
     uncertainty fits, all on the held-out ``rows`` of :func:`held_out_predictions`.
 
@@ -117,12 +130,15 @@ def summarise(rows: dict[str, dict[str, Any]], *, seeds_per_fold: int, held_out:
     ages = np.array([float(r["item"].age) for r in rows.values()])
     grid_jitter = all("plain_jitter" in r for r in rows.values())
     without = sorted(i for i, r in rows.items() if "plain_jitter" not in r)
-    if without:
+    no_native = [i for i in without if rows[i]["item"].native is None]
+    if no_native:
         LOGGER.warning("grid jitter stays off for this model: %d of %d held-out image(s) lack "
-                       "their native-space brain and transform (e.g. %s; derivatives of an "
-                       "older version, or a model input that is not the template grid); rerun "
-                       "the participant level on them to add these outputs", len(without),
-                       len(rows), without[0])
+                       "their native-space brain and transform (e.g. %s: derivatives of an "
+                       "older version); rerun the participant level on them to add these "
+                       "outputs", len(no_native), len(rows), no_native[0])
+    elif without:
+        LOGGER.info("grid jitter stays off for this model: its input is not the 2 mm "
+                    "template grid that the jitter resamples onto")
     keys = ("plain", "tta", "plain_jitter", "tta_jitter") if grid_jitter else ("plain", "tta")
     results = {}
     for key in keys:
@@ -136,13 +152,15 @@ def summarise(rows: dict[str, dict[str, Any]], *, seeds_per_fold: int, held_out:
     scaled = "raw_sd" if seeds_per_fold > 1 else "mc_sd"
     spreads = np.array([p["raw_sd"] if scaled == "raw_sd" else p["mc_sd"] for p in chosen])
     scale = fit_scale(errors, spreads)
-    fitted_on = held_out.fitted_on + (" with grid jitter" if grid_jitter else "")
+    fitted_on = held_out.fitted_on(grid_jitter)
     if n_members > 1:
         method, formula = "ensemble+mc-dropout", (
             "sd = sqrt((k * mc_sd)^2 + member_sd^2)" if scaled == "mc_sd"
             else "sd = k * sqrt(mc_sd^2 + member_sd^2)")
-    else:
+    elif np.any(spreads > 0):
         method, formula = "mc-dropout", "sd = k * mc_sd"
+    else:  # no dropout: no spread to calibrate, as predict_brain_age records it
+        method, formula = "none", None
     uncertainty: dict[str, Any] = {
         "method": method, "calibration_scale": scale, "scaled": scaled,
         "fitted_on": fitted_on, "formula": formula,
@@ -177,13 +195,13 @@ def card_entries(summary: dict[str, Any]) -> dict[str, Any]:
     if summary["grid_jitter"]:
         validation["mae_without_grid_jitter"] = (
             summary["grid_jitter"][f"{held_out.prefix}_mae_without"])
-    what = "out-of-fold" if held_out is OUT_OF_FOLD else "validation"
     return {
         "validation": validation,
         "bias_correction": {"fitted_on": summary["fitted_on"], **report["coefficients"]},
         "uncertainty": summary["uncertainty"],
         "inference": {"flip_tta": summary["flip_tta"],
-                      "flip_tta_chosen_by": f"{what} MAE with and without the flip",
+                      "flip_tta_chosen_by": f"{held_out.chooser} MAE with and without "
+                                            "the flip",
                       **({"grid_jitter": summary["grid_jitter"]}
                          if summary["grid_jitter"] else {})},
     }
@@ -198,13 +216,16 @@ def validation_fits(config: TrainConfig, val_items: Sequence[TrainItem],
     The card's ``validation`` then describes those predictions; the best epoch's own
     validation MAE (no views, the cached inputs) stays as ``mae_during_training``.
     """
+    if mc_samples < 1:  # before the training, not after it
+        raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
+
     def finish(model: Any, card: dict[str, Any]) -> dict[str, Any]:
         plan = MemberPlan(index=0, fold=0, seed=config.seed, train=(), val=tuple(val_items))
         rows = held_out_predictions([plan], [model], config, mc_samples)
         summary = summarise(rows, seeds_per_fold=1, held_out=VALIDATION, n_members=1)
         entries = card_entries(summary)
         previous = card.get("validation") or {}
-        entries["validation"] = {**entries["validation"], "n_images": len(rows),
+        entries["validation"] = {**entries["validation"],
                                  "at_epoch": previous.get("at_epoch"),
                                  "mae_during_training": previous.get("mae")}
         entries["uncertainty"]["samples"] = mc_samples

@@ -547,6 +547,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work-dir", required=True, help="cache and checkpoint directory")
     parser.add_argument("--config", help="JSON object of TrainConfig options")
     parser.add_argument("--card-extra", help="JSON object added to the model card")
+    parser.add_argument("--mc-samples", type=int, default=20,
+                        help="Monte-Carlo dropout samples of the validation predictions that "
+                             "fit the card's uncertainty scale (default 20)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -566,9 +569,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           config.seed)
         else:
             train, val = _read_items(args.train), _read_items(args.val)
+        from brainage_bids.model.held_out import validation_fits
+
         card = train_model(config, train, val, args.out, work_dir=args.work_dir,
                            resume=args.resume, progress=not args.no_progress,
-                           card_extra=extra)
+                           card_extra=extra,
+                           finish=validation_fits(config, val, args.mc_samples))
     except (ValueError, OSError, RuntimeError) as exc:  # RuntimeError: no visible GPU
         LOGGER.error("%s", exc)
         return 1

@@ -206,7 +206,7 @@ def _uncertainty_text(uncertainty: dict[str, Any]) -> str:
         samples=uncertainty.get("samples", "n/a"),
         n_members=members if isinstance(members, int) else 1,
         scale=uncertainty.get("calibration_scale") if uncertainty.get("calibrated") else None,
-        scaled=uncertainty.get("scaled"))
+        scaled=uncertainty.get("scaled"), method=uncertainty.get("method"))
 
 
 def _image_section(output_dir: Path, image: T1wImage, error: str | None) -> dict[str, Any]:
