@@ -220,6 +220,9 @@ def validation_fits(config: TrainConfig, val_items: Sequence[TrainItem],
         raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
 
     def finish(model: Any, card: dict[str, Any]) -> dict[str, Any]:
+        LOGGER.info("predicting the %d validation image(s) as the participant level will "
+                    "(flip, grid jitter, %d Monte-Carlo dropout samples) to fit the card's "
+                    "bias correction and uncertainty scale", len(val_items), mc_samples)
         plan = MemberPlan(index=0, fold=0, seed=config.seed, train=(), val=tuple(val_items))
         rows = held_out_predictions([plan], [model], config, mc_samples)
         summary = summarise(rows, seeds_per_fold=1, held_out=VALIDATION, n_members=1)
