@@ -356,11 +356,11 @@ def bias_coefficients(table: pd.DataFrame, *, card: dict[str, Any] | None,
                     "uncorrected ones (docs/fine-tuning.md)", where, n_fit, ADVISED_FIT)
     if reference is None and card and (warning := card_fit_warning(card)):
         LOG.warning("%s", warning)
+    fitted_on = card_bias.get("fitted_on") or "the training run's held-out images"
     for method in BIAS_METHODS:
         fitted = card_bias.get(method)
         if (reference is None and method != "smith" and isinstance(fitted, dict)
                 and "error" not in fitted):  # an "error" entry: too few validation images
-            fitted_on = card_bias.get("fitted_on") or "the training run's held-out images"
             out[method] = {"Source": f"model card, fitted on {fitted_on}",
                            "Model": (card or {}).get("name"),
                            "ModelSpec": model_spec, "N": card_bias[method].get("n"),

@@ -85,3 +85,17 @@ def test_fitted_on_names_the_predictions_and_the_views():
                                            "image by the members of its own fold)")
     assert VALIDATION.fitted_on(False) == ("validation-split predictions (the images that "
                                            "also chose the best epoch)")
+
+
+def test_impossible_sample_counts_fail_before_any_training(tmp_path):
+    from brainage_bids.model.cv import train_ensemble
+    from brainage_bids.model.held_out import validation_fits
+    from brainage_bids.model.train_config import TrainConfig
+
+    items = [r["item"] for r in _rows().values()]
+    with pytest.raises(ValueError, match="mc_samples must be at least 1, got 0"):
+        validation_fits(TrainConfig(), items[:3], 0)
+    with pytest.raises(ValueError, match="mc_samples must be at least 1, got 0"):
+        train_ensemble(TrainConfig(), items, tmp_path / "out", work_dir=tmp_path / "work",
+                       folds=3, mc_samples=0)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()

@@ -38,6 +38,7 @@ from brainage_bids.model.held_out import (
     VALIDATION,
     MemberPlan,
     card_entries,
+    check_mc_samples,
     held_out_predictions,
     summarise,
 )
@@ -189,6 +190,7 @@ def train_ensemble(config: TrainConfig, items: Sequence[TrainItem], out_dir: str
     from brainage_bids.model.ensemble import BrainAgeEnsemble
     from brainage_bids.model.weights import load_model, save_model
 
+    check_mc_samples(mc_samples)
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     card_extra = dict(card_extra or {})
     plans = plan_members(items, folds=folds, seeds_per_fold=seeds_per_fold, seed=config.seed,

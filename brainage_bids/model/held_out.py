@@ -61,13 +61,20 @@ VALIDATION = HeldOut("validation split", "validation-split predictions",
                      "the images that also chose the best epoch", "validation", "validation")
 
 
+def check_mc_samples(mc_samples: int) -> None:
+    """Refuse an impossible sample count before any training, not after it."""
+    if mc_samples < 1:
+        raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
+
+
 def held_out_predictions(plans: Sequence[MemberPlan], members: Sequence[Any],
                          config: TrainConfig, mc_samples: int) -> dict[str, dict[str, Any]]:
     """Each held-out image's prediction by the members that never trained on it (its fold's),
     with and without the flip (``plain``, ``tta``) and, where the image has its native
     outputs and the model the template grid, with grid jitter (``*_jitter``).
 
-    On the training device (``config.device``); the members are left on the CPU.
+    On the training device (``config.device``); the members are left on the CPU. The
+    callers check ``mc_samples`` (:func:`check_mc_samples`) before they train.
     """
     import torch
 
@@ -77,8 +84,6 @@ def held_out_predictions(plans: Sequence[MemberPlan], members: Sequence[Any],
     from brainage_bids.model.predict import predict_brain_age, resolve_device
     from brainage_bids.templates import GRID_SHAPE
 
-    if mc_samples < 1:
-        raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
     device = resolve_device(config.device)
 
     by_fold: dict[int, list[int]] = {}
@@ -128,8 +133,8 @@ def summarise(rows: dict[str, dict[str, Any]], *, seeds_per_fold: int, held_out:
     from brainage_bids.model.uncertainty import coverage, fit_scale
 
     ages = np.array([float(r["item"].age) for r in rows.values()])
-    grid_jitter = all("plain_jitter" in r for r in rows.values())
     without = sorted(i for i, r in rows.items() if "plain_jitter" not in r)
+    grid_jitter = not without
     no_native = [i for i in without if rows[i]["item"].native is None]
     if no_native:
         LOGGER.warning("grid jitter stays off for this model: %d of %d held-out image(s) lack "
@@ -216,8 +221,7 @@ def validation_fits(config: TrainConfig, val_items: Sequence[TrainItem],
     The card's ``validation`` then describes those predictions; the best epoch's own
     validation MAE (no views, the cached inputs) stays as ``mae_during_training``.
     """
-    if mc_samples < 1:  # before the training, not after it
-        raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
+    check_mc_samples(mc_samples)
 
     def finish(model: Any, card: dict[str, Any]) -> dict[str, Any]:
         LOGGER.info("predicting the %d validation image(s) as the participant level will "
