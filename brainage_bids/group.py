@@ -169,6 +169,12 @@ def record_problem(record: Any) -> str | None:
     age = record.get("chronological_age")
     if age is not None and (isinstance(age, bool) or not isinstance(age, (int, float))):
         return f"chronological_age {age!r} is neither a number nor null"
+    run = record.get("run")
+    if run is not None and (isinstance(run, bool) or not isinstance(run, int)):
+        return f"run {run!r} is neither an integer nor null"
+    session = record.get("session_id")
+    if session is not None and not isinstance(session, str):
+        return f"session_id {session!r} is neither a string nor null"
     for section in ("qc", "model", "uncertainty"):
         if record.get(section) is not None and not isinstance(record[section], dict):
             return f"{section!r} is not a JSON object"
@@ -295,7 +301,9 @@ def records_table(records: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[str
             "model_sha256": model.get("sha256"),
         })
     table = pd.DataFrame(rows)
-    table["run"] = pd.array([None if r is None or r == "" else int(r) for r in table["run"]],
+    # records without a run beside records with one: pandas reads the column as floats
+    # with NaN, so every missing value is tested with isna, not `is None`
+    table["run"] = pd.array([None if pd.isna(r) else int(r) for r in table["run"]],
                             dtype="Int64")
     table["brain_age_gap"] = table["predicted_age"] - table["age"]
     table = table.sort_values(["participant_id", "session_id", "run"], na_position="first",

@@ -235,6 +235,31 @@ def test_table_columns_na_and_sidecar(study):
     assert sidecar["qc_mask_volume_ml"]["Units"] == "mL"
 
 
+def test_a_rescanned_participant_beside_single_runs(study):
+    """One participant with run-1 and run-2 among participants without a run entity."""
+    anat = study.bids_dir / "sub-04" / "anat"
+    for run in (1, 2):
+        shutil.copy(anat / "sub-04_T1w.nii.gz", anat / f"sub-04_run-{run}_T1w.nii.gz")
+        write_record(study.output_dir, {"subject": "04", "run": run}, age=45.9,
+                     predicted=46.0 + run)
+    (anat / "sub-04_T1w.nii.gz").unlink()
+    (study.output_dir / "sub-04" / "anat" / "sub-04_brainage.json").unlink()
+    assert run_group(study) == 0
+    rows = read_tsv(study.output_dir / "group_brainage.tsv")
+    runs = [(r["predicted_age"], r["run"]) for r in rows if r["participant_id"] == "sub-04"]
+    assert runs == [("47.0", "1"), ("48.0", "2")]
+    assert {r["run"] for r in rows if r["participant_id"] != "sub-04"} == {"n/a"}
+
+
+def test_a_record_with_a_malformed_run_or_session_is_named(study):
+    from brainage_bids.group import record_problem
+
+    good = json.loads(next(study.output_dir.glob("sub-01/anat/*_brainage.json")).read_text())
+    assert record_problem(good) is None
+    assert "run 'x'" in record_problem({**good, "run": "x"})
+    assert "session_id 3" in record_problem({**good, "session_id": 3})
+
+
 def test_corrections_match_hand_computed_values(study):
     table, sidecar = build_group(study)
     age = table["age"].to_numpy(float)
