@@ -6,6 +6,7 @@ The input dataset is only ever read: pybids is asked not to write a database int
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -16,12 +17,14 @@ from typing import Any
 from brainage_bids import __version__
 from brainage_bids.io import atomic_write_json
 
+LOG = logging.getLogger(__name__)
+
 #: The order in which BIDS entities appear in a file name (the subset a T1w can carry).
 ENTITY_ORDER = ("subject", "session", "task", "acquisition", "ceagent", "reconstruction",
-                "run", "echo", "part", "space", "res", "desc", "from", "to", "mode")
+                "run", "echo", "part", "space", "chunk", "res", "desc", "from", "to", "mode")
 ENTITY_KEYS = {"subject": "sub", "session": "ses", "task": "task", "acquisition": "acq",
                "ceagent": "ce", "reconstruction": "rec", "run": "run", "echo": "echo",
-               "part": "part", "space": "space", "res": "res", "desc": "desc",
+               "part": "part", "space": "space", "chunk": "chunk", "res": "res", "desc": "desc",
                "from": "from", "to": "to", "mode": "mode"}
 #: Entities that describe a derivative, never taken from the source image's name.
 OUTPUT_ENTITIES = ("space", "res", "desc", "from", "to", "mode")
@@ -202,10 +205,17 @@ class AgeTable:
 
     ages: dict[tuple[str, str | None], float | None] = field(default_factory=dict)
     problems: dict[tuple[str, str | None], str] = field(default_factory=dict)
+    #: Why a participant's sessions.tsv cannot be read at all: that participant's images
+    #: with a session lose their age, nobody else's.
+    session_files: dict[str, str] = field(default_factory=dict)
 
     def _read(self, path: Path, id_column: str, prefix: str, subject: str | None) -> None:
         table = read_tsv(path, id_column=id_column)
         column = _age_column(table.columns)
+        if column is None and subject is None:  # sessions.tsv often has no age: no warning
+            LOG.warning("%s has no age column (one of %s; its columns: %s): every image gets "
+                        "chronological age n/a", path, ", ".join(AGE_COLUMNS),
+                        ", ".join(repr(c) for c in table.columns))
         for label, index in _labels(table, id_column, prefix).items():
             key = (label, None) if subject is None else (subject, label)
             if column is None:
@@ -219,6 +229,8 @@ class AgeTable:
 
     def age_of(self, subject: str, session: str | None) -> tuple[float | None, str | None]:
         """``(age, problem)`` of one image: its session's age when sessions.tsv has one."""
+        if session is not None and subject in self.session_files:
+            return None, self.session_files[subject]
         if session is not None and (subject, session) in self.problems:
             return None, self.problems[(subject, session)]
         if session is not None and self.ages.get((subject, session)) is not None:
@@ -230,21 +242,32 @@ def read_age_table(bids_dir: Path) -> AgeTable:
     """Ages from participants.tsv and every ``sub-X/sub-X_sessions.tsv``.
 
     Errors that make a file unusable (no id column, a row with the wrong number of cells, two
-    rows for one participant or session) raise :class:`BIDSError` naming the file and line;
-    a bad age is only recorded (:class:`AgeTable`).
+    rows for one participant or session) raise :class:`BIDSError` naming the file and line
+    for participants.tsv; for a participant's sessions.tsv they are that participant's
+    problem alone (``session_files``). A bad age is only recorded (:class:`AgeTable`).
     """
     table = AgeTable()
     participants = bids_dir / "participants.tsv"
     if participants.exists():
         table._read(participants, "participant_id", "sub-", None)
     for sessions in sorted(bids_dir.glob("sub-*/sub-*_sessions.tsv")):
-        table._read(sessions, "session_id", "ses-", sessions.parent.name.removeprefix("sub-"))
+        subject = sessions.parent.name.removeprefix("sub-")
+        try:
+            table._read(sessions, "session_id", "ses-", subject)
+        except BIDSError as err:
+            table.session_files[subject] = str(err)
     return table
 
 
 def read_ages(bids_dir: Path) -> dict[tuple[str, str | None], float | None]:
-    """Ages keyed by ``(subject, session)``; a bad age is ``None`` (see :class:`AgeTable`)."""
-    return read_age_table(bids_dir).ages
+    """Ages keyed by ``(subject, session)``; a bad age is ``None`` (see :class:`AgeTable`).
+
+    For evaluations, which need every age: a sessions.tsv that cannot be read raises.
+    """
+    table = read_age_table(bids_dir)
+    if table.session_files:
+        raise BIDSError(next(iter(table.session_files.values())))
+    return table.ages
 
 
 def age_for(ages: dict[tuple[str, str | None], float | None], subject: str,
@@ -350,7 +373,24 @@ def collect_t1w(layout, *, participant_label: tuple[str, ...] = (),
         age, problem = ages.age_of(str(entities["subject"]), entities.get("session"))
         images.append(T1wImage(path=Path(path), entities=entities, age=age,
                                age_problem=problem))
+    _refuse_shared_names(images)
     return images
+
+
+def _refuse_shared_names(images: list[T1wImage]) -> None:
+    """Two images whose names differ only in entities a derivative does not carry (``desc``
+    of an unvalidated dataset, say) would write the same derivatives: refuse before any work.
+    """
+    by_name: dict[str, list[Path]] = {}
+    for image in images:
+        by_name.setdefault(image.name, []).append(image.path)
+    clashes = {name: paths for name, paths in by_name.items() if len(paths) > 1}
+    if clashes:
+        name, paths = next(iter(clashes.items()))
+        more = f" (and {len(clashes) - 1} more such name(s))" if len(clashes) > 1 else ""
+        raise BIDSError(
+            f"{', '.join(p.name for p in paths)} would all write the derivatives of {name}"
+            f"{more}: select one of them with --bids-filter-file")
 
 
 def write_dataset_description(output_dir: Path, bids_dir: Path) -> Path:

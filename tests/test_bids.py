@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from brainage_bids.bids import (
@@ -10,6 +12,7 @@ from brainage_bids.bids import (
     load_layout,
     parse_age,
     read_age_table,
+    read_ages,
     read_tsv,
     write_dataset_description,
 )
@@ -128,9 +131,48 @@ def test_bad_session_age_belongs_to_its_session(tiny_bids):
     # no fallback to participants.tsv: the session's own age is wrong, not unknown
     assert images[1].age is None
     assert images[1].age_problem == f"{sessions} line 3: age '4O.1' is not a number"
+
+
+def test_an_unreadable_sessions_tsv_belongs_to_its_participant(tiny_bids):
+    sessions = tiny_bids / "sub-IXI012" / "sub-IXI012_sessions.tsv"
     sessions.write_text("session_id\tage\nses-A\t38.78\nses-A\t40\n")
-    with pytest.raises(BIDSError, match="lines 2 and 3: session_id ses-A appears twice"):
-        read_age_table(tiny_bids)
+    images = collect_t1w(load_layout(tiny_bids))
+    problem = (f"{sessions} lines 2 and 3: session_id ses-A appears twice "
+               "(one row per session_id only)")
+    assert [(i.name, i.age, i.age_problem) for i in images] == [
+        ("sub-IXI012_ses-A_run-1", None, problem), ("sub-IXI012_ses-B_run-1", None, problem),
+        ("sub-IXI013", None, None)]
+    sessions.write_text("session_id\tage\nses-A\t38.78\t1\n")
+    assert "line 2: 3 cell(s)" in collect_t1w(load_layout(tiny_bids))[0].age_problem
+    with pytest.raises(BIDSError, match="line 2: 3 cell"):  # evaluations need every age
+        read_ages(tiny_bids)
+
+
+def test_no_age_column_is_said(tiny_bids, caplog):
+    (tiny_bids / "participants.tsv").write_text("participant_id\tage \nsub-IXI012\t38\n")
+    images = collect_t1w(load_layout(tiny_bids), participant_label=("IXI013",))
+    assert images[0].age is None
+    assert "participants.tsv has no age column" in caplog.text and "'age '" in caplog.text
+
+
+def test_chunks_get_their_own_names_and_clashing_names_are_refused(tiny_bids):
+    anat = tiny_bids / "sub-IXI013" / "anat"
+    for chunk in (1, 2):
+        shutil.copy(anat / "sub-IXI013_T1w.nii.gz", anat / f"sub-IXI013_chunk-{chunk}_T1w.nii.gz")
+    (anat / "sub-IXI013_T1w.nii.gz").unlink()
+    images = collect_t1w(load_layout(tiny_bids), participant_label=("IXI013",))
+    assert [i.name for i in images] == ["sub-IXI013_chunk-1", "sub-IXI013_chunk-2"]
+    assert derivative_name(images[0].entities, suffix="T1w", extension=".nii.gz",
+                           space="MNI152NLin6Asym", res="2", desc="preproc") == (
+        "sub-IXI013_space-MNI152NLin6Asym_chunk-1_res-2_desc-preproc_T1w.nii.gz")
+    # a desc in an unvalidated dataset is not carried into derivative names: two images
+    # that differ only in it would overwrite each other's outputs
+    shutil.copy(anat / "sub-IXI013_chunk-1_T1w.nii.gz",
+                anat / "sub-IXI013_chunk-1_desc-x_T1w.nii.gz")
+    with pytest.raises(BIDSError, match=r"sub-IXI013_chunk-1_T1w.nii.gz, "
+                                        r"sub-IXI013_chunk-1_desc-x_T1w.nii.gz would all write "
+                                        r"the derivatives of sub-IXI013_chunk-1"):
+        collect_t1w(load_layout(tiny_bids, validate=False), participant_label=("IXI013",))
 
 
 def test_a_directory_named_like_a_t1w_is_collected_not_skipped(tiny_bids):
