@@ -121,15 +121,13 @@ def load_card(spec: str) -> dict[str, Any]:
     checksum); reading a card file directly avoids loading the weights.
     """
     path = Path(spec).expanduser()
+    from brainage_bids.model.weights import ModelError, load_model, parse_card
+
     if path.suffix == ".json" and path.is_file():
         try:
-            card = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise GroupError(f"cannot read the model card {path}: {err}") from None
-        if not isinstance(card, dict):
-            raise GroupError(f"the model card {path} is not a JSON object")
-        return card
-    from brainage_bids.model.weights import load_model
+            return parse_card(path)
+        except ModelError as err:
+            raise GroupError(str(err)) from None
 
     try:
         return load_model(str(path.resolve()) if path.exists() else spec, device="cpu")[1]

@@ -7,6 +7,7 @@ shipped model's card (no training).
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,25 @@ def test_fine_tuning_defaults_come_from_the_parent(tmp_path, sample_bids) -> Non
 def test_contradicting_options_are_usage_errors(tmp_path, sample_bids, extra, match) -> None:
     with pytest.raises(UsageError, match=match):
         parse_settings(_args(tmp_path, sample_bids, *extra))
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda card: card.update(architecture=["x"]), "'architecture' is not a JSON object"),
+    (lambda card: card["architecture"].update(n_members="two"), "n_members 'two' is not"),
+    (lambda card: card.update(file=5), "'file' is not a string"),
+])
+def test_a_malformed_parent_card_is_a_usage_error(tmp_path, sample_bids, change, match) -> None:
+    from brainage_bids.model.weights import resolve_model
+
+    card_path, weights, _ = resolve_model("default")
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    card = json.loads(card_path.read_text())
+    change(card)
+    (parent / card_path.name).write_text(json.dumps(card))
+    (parent / weights.name).symlink_to(weights)
+    with pytest.raises(UsageError, match=match):
+        parse_settings(_args(tmp_path, sample_bids, "--init-from", str(parent / card_path.name)))
 
 
 def test_usage_error_exit_code(tmp_path, sample_bids, capsys) -> None:

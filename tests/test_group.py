@@ -355,7 +355,11 @@ def test_load_card_reads_json_cards(tmp_path):
     card = write_card(tmp_path / "card.json")
     assert load_card(str(card))["sha256"] == SHA
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(GroupError, match="cannot read the model card"):
+    with pytest.raises(GroupError, match="cannot read model card"):
+        load_card(str(tmp_path / "bad.json"))
+    (tmp_path / "bad.json").write_text(json.dumps(
+        {"bias_correction": {"beheshti": {"slope": "x", "intercept": 1}}}))
+    with pytest.raises(GroupError, match=r"bad\.json: 'bias_correction.beheshti' has no"):
         load_card(str(tmp_path / "bad.json"))
     with pytest.raises(GroupError, match="model card of --model no-such-model"):
         load_card("no-such-model")  # names go through the model registry

@@ -133,6 +133,39 @@ def test_card_that_does_not_fit_the_weights(saved, tmp_path):
         load_model(root)
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(architecture=["x"]), "'architecture' is not a JSON object"),
+    (lambda c: c["architecture"].update(channels=[-4] * 7), "cannot build BrainAgeNet"),
+    (lambda c: c["architecture"].update(n_parameters="many"), "n_parameters 'many' is not"),
+    (lambda c: c.update(file=5), "'file' is not a string"),
+    (lambda c: c.update(file="../m.safetensors"), "is not a file name beside the card"),
+    (lambda c: c.update(bias_correction=["x"]), "'bias_correction' is not a JSON object"),
+    (lambda c: c.update(bias_correction={"beheshti": {"slope": "x", "intercept": 1}}),
+     "'bias_correction.beheshti' has no numeric slope and intercept"),
+    (lambda c: c.update(bias_correction={"cole": {"slope": 0, "intercept": 1}}),
+     "'bias_correction.cole' has slope 0"),
+])
+def test_a_malformed_card_is_one_line_naming_it(saved, tmp_path, change, message):
+    root = _copy(saved, tmp_path)
+    card = json.loads((root / "m.json").read_text())
+    change(card)
+    (root / "m.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError) as exc:
+        load_model(root)
+    assert str(exc.value).startswith(str(root / "m.json")) and message in str(exc.value), exc
+    # a card that is not UTF-8
+    (root / "m.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ModelError, match=r"cannot read model card .*m\.json"):
+        load_model(root)
+
+
+def test_a_card_without_a_fitted_correction_is_fine():
+    from brainage_bids.model.weights import card_problem
+
+    assert card_problem({"bias_correction": {"beheshti": {"error": "too few"},
+                                             "fitted_on": "validation"}}) is None
+
+
 def test_build_model_extension_point(monkeypatch):
     assert isinstance(build_model({"name": "BrainAgeNet", "attention": "none"}), BrainAgeNet)
     with pytest.raises(ModelError, match="unknown architecture 'ResNet'"):

@@ -224,7 +224,11 @@ def _parent_architecture(spec: str) -> tuple[str, dict[str, Any], int]:
         raise UsageError(f"--init-from {spec}: {err}") from None
     arch = card["architecture"]
     member = arch.get("member", arch)
-    return str(card.get("name", spec)), member, int(arch.get("n_members", 1))
+    count = arch.get("n_members", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise UsageError(f"--init-from {spec}: its card's n_members {count!r} is not a "
+                         "positive integer")
+    return str(card.get("name", spec)), member, count
 
 
 def _train_options(args: argparse.Namespace) -> dict[str, Any]:

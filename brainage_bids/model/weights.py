@@ -15,6 +15,7 @@ A model on disk is two files with one stem::
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -133,10 +134,14 @@ def build_model(architecture: dict[str, Any]) -> nn.Module:
         raise ModelError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")
     try:
         model = ARCHITECTURES[name](architecture)
-    except (TypeError, ValueError, ImportError) as exc:
+    except ModelError:
+        raise
+    except Exception as exc:  # whatever a malformed entry makes the network raise
         raise ModelError(f"cannot build {name} from {architecture}: {exc}") from exc
     expected = architecture.get("n_parameters")
-    if expected is not None and count_parameters(model) != int(expected):
+    if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int)):
+        raise ModelError(f"n_parameters {expected!r} is not an integer")
+    if expected is not None and count_parameters(model) != expected:
         raise ModelError(f"{name} built from the card has {count_parameters(model)} "
                          f"parameters but the card says {expected}")
     return model
@@ -259,14 +264,63 @@ def resolve_model(spec: str | Path, *,
     return card_path, weights, registry_sha
 
 
-def read_card(card_path: str | Path) -> dict[str, Any]:
-    """Parse a model card, with a user-facing error for anything that is not one."""
+def _is_number(value: Any) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value))
+
+
+def card_problem(card: dict[str, Any]) -> str | None:
+    """What makes a parsed card unusable, checking the entries it has and the code reads:
+    ``None`` when there is nothing wrong with them."""
+    for key in ("name", "sha256", "file"):
+        if key in card and not isinstance(card[key], str):
+            return f"{key!r} is not a string"
+    if "file" in card and (Path(card["file"]).name != card["file"]
+                           or card["file"] in ("", ".", "..")):
+        return f"'file' {card['file']!r} is not a file name beside the card"
+    arch = card.get("architecture")
+    if arch is not None:
+        if not isinstance(arch, dict):
+            return "'architecture' is not a JSON object"
+        if "member" in arch and not isinstance(arch["member"], dict):
+            return "'architecture.member' is not a JSON object"
+    bias = card.get("bias_correction")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            return "'bias_correction' is not a JSON object"
+        for method in ("beheshti", "cole"):
+            coefs = bias.get(method)
+            if coefs is None or (isinstance(coefs, dict) and "error" in coefs):
+                continue  # none fitted: the group level fits its own
+            if not isinstance(coefs, dict) or not all(
+                    _is_number(coefs.get(k)) for k in ("slope", "intercept")):
+                return f"'bias_correction.{method}' has no numeric slope and intercept"
+            if method == "cole" and coefs["slope"] == 0:
+                return "'bias_correction.cole' has slope 0 (its correction divides by it)"
+    return None
+
+
+def parse_card(card_path: str | Path) -> dict[str, Any]:
+    """A card file as a checked JSON object (:func:`card_problem`), or a :class:`ModelError`
+    naming the file; it may lack the weights' entries (a group level needs only its name,
+    checksum and bias correction)."""
     card_path = Path(card_path)
     try:
         card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"cannot read model card {card_path}: {exc}") from exc
-    if not isinstance(card, dict) or "architecture" not in card or "sha256" not in card:
+    if not isinstance(card, dict):
+        raise ModelError(f"{card_path} is not a model card (not a JSON object)")
+    if (problem := card_problem(card)) is not None:
+        raise ModelError(f"{card_path}: {problem}")
+    return card
+
+
+def read_card(card_path: str | Path) -> dict[str, Any]:
+    """Parse a model card, with a user-facing error for anything that is not one."""
+    card_path = Path(card_path)
+    card = parse_card(card_path)
+    if "architecture" not in card or "sha256" not in card:
         raise ModelError(f"{card_path} is not a model card (needs 'architecture' and 'sha256')")
     if card.get("input_reference") is not None:  # its intensity QC must work for every image
         from brainage_bids.model.input_reference import check_reference
@@ -312,7 +366,10 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu", *,
         if expected is not None and digest != expected:
             raise ModelError(f"sha256 of {weights} is {digest} but the {source} expects "
                              f"{expected}: the file is corrupt or was replaced")
-    model = build_model(card["architecture"])
+    try:
+        model = build_model(card["architecture"])
+    except ModelError as exc:
+        raise ModelError(f"{card_path}: {exc}") from exc
     try:
         state = load_file(str(weights), device="cpu")
         model.load_state_dict(state, strict=True)
