@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from brainage_bids.io import atomic_write_text
 
 LEVELS = ("participant", "group", "train")
 PREPROC_BACKENDS = ("auto", "fsl", "ants")
@@ -109,7 +110,4 @@ def write_settings(settings: Settings) -> Path:
     target = settings.logs_dir / f"config-{settings.run_uuid}.toml"
     lines = ["# brainage-bids run settings (None is written as an empty string)", "[settings]"]
     lines += [f"{key} = {_toml_value(val)}" for key, val in settings.to_dict().items()]
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(target)
-    return target
+    return atomic_write_text(target, "\n".join(lines) + "\n")

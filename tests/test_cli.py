@@ -106,6 +106,38 @@ def test_unknown_participant_is_one_line_runtime_error(sample_bids, tmp_path, ca
     assert "sub-NOPE" in _one_error_line(capsys)
 
 
+def test_an_os_error_is_one_line_that_does_not_guess_read_or_write():
+    import errno
+
+    from brainage_bids.cli.run import one_line
+    from brainage_bids.io import write_error
+
+    missing = FileNotFoundError(errno.ENOENT, "No such file or directory", "/x/w.safetensors")
+    assert one_line(missing) == "no such file or directory: /x/w.safetensors"
+    full = write_error(OSError(errno.ENOSPC, "No space left on device"), "/o/r.json")
+    assert one_line(full) == "no space left on device writing /o/r.json"
+
+
+def test_settings_are_written_atomically_or_named(sample_bids, tmp_path, monkeypatch):
+    import errno
+
+    from brainage_bids.io import OutputError
+
+    settings = parse_settings([str(sample_bids), str(tmp_path / "out"), "group"])
+    target = write_settings(settings)
+    assert target.read_text().startswith("# brainage-bids run settings")
+    original = Path.write_text
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OutputError, match=r"no space left on device writing .*config-"):
+        write_settings(settings)
+    monkeypatch.setattr(Path, "write_text", original)
+    assert [p.name for p in settings.logs_dir.iterdir()] == [target.name]  # no temp file
+
+
 def test_console_script_and_module_entry_point(sample_bids):
     proc = subprocess.run([sys.executable, "-m", "brainage_bids", "--help"],
                           capture_output=True, text=True, check=True)

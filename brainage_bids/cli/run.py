@@ -104,11 +104,14 @@ def _main(argv: list[str] | None) -> int:
 
 def one_line(err: BaseException) -> str:
     """The first line of an error's message (its type when it has none), plain words for
-    an OS error: ``no space left on device writing PATH``."""
-    from brainage_bids.io import write_error
+    an OS error: ``no such file or directory: PATH``. A failed write already says
+    ``... writing PATH`` (:class:`~brainage_bids.io.OutputError`); any other OS error may
+    come from a read, so its line does not say which."""
+    from brainage_bids.io import OutputError
 
-    if isinstance(err, OSError) and err.errno is not None and err.filename:
-        return str(write_error(err, err.filename))
+    if (isinstance(err, OSError) and not isinstance(err, OutputError)
+            and err.errno is not None and err.filename):
+        return f"{(err.strerror or str(err)).lower()}: {err.filename}"
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
