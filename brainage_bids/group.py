@@ -462,8 +462,15 @@ def merge_participants(table: pd.DataFrame, participants: pd.DataFrame,
                        described: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Append every participants.tsv column (renamed on a clash) and describe each one."""
     extra = participants.copy()
-    renames = {c: f"{CLASH_PREFIX}{c}" for c in extra.columns
-               if c != "participant_id" and c in table.columns}
+    taken = set(table.columns) | set(extra.columns)
+    renames = {}
+    for c in extra.columns:
+        if c != "participant_id" and c in table.columns:
+            new = f"{CLASH_PREFIX}{c}"
+            while new in taken:  # participants.tsv may hold 'age' and 'participants_age'
+                new = f"{CLASH_PREFIX}{new}"
+            renames[c] = new
+            taken.add(new)
     extra = extra.rename(columns=renames)
     merged = table.merge(extra, on="participant_id", how="left")
     descriptions: dict[str, Any] = {}

@@ -260,6 +260,21 @@ def test_a_record_with_a_malformed_run_or_session_is_named(study):
     assert "session_id 3" in record_problem({**good, "session_id": 3})
 
 
+def test_participants_columns_never_clash(study):
+    """participants.tsv holding both 'age' and 'participants_age' (the clash's renamed name)."""
+    tsv = study.bids_dir / "participants.tsv"
+    lines = tsv.read_text().splitlines()
+    tsv.write_text("\n".join([lines[0] + "\tparticipants_age",
+                              *(line + "\tx" for line in lines[1:])]) + "\n")
+    assert run_group(study) == 0
+    with open(study.output_dir / "group_brainage.tsv") as fh:
+        header = fh.readline().rstrip("\n").split("\t")
+    assert len(header) == len(set(header))
+    assert {"age", "participants_age", "participants_participants_age"} <= set(header)
+    sidecar = json.loads((study.output_dir / "group_brainage.json").read_text())
+    assert set(header) <= set(sidecar)
+
+
 def test_corrections_match_hand_computed_values(study):
     table, sidecar = build_group(study)
     age = table["age"].to_numpy(float)
