@@ -138,6 +138,23 @@ def test_settings_are_written_atomically_or_named(sample_bids, tmp_path, monkeyp
     assert [p.name for p in settings.logs_dir.iterdir()] == [target.name]  # no temp file
 
 
+def test_a_bad_model_name_is_a_usage_error_before_any_work(sample_bids, tmp_path):
+    with pytest.raises(UsageError, match="--model-name must be a non-empty file stem"):
+        parse_settings([str(sample_bids), str(tmp_path / "out"), "train",
+                        "--model-name", "my model/v1"])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is visible")
+@pytest.mark.parametrize("level", ["participant", "train"])
+def test_device_cuda_without_a_gpu_fails_before_any_work(sample_bids, tmp_path, capsys, level):
+    work = tmp_path / "work"
+    code = main([str(sample_bids), str(tmp_path / "out"), level, "--device", "cuda",
+                 "-w", str(work)])
+    assert code == 1
+    assert "no CUDA GPU is visible" in _one_error_line(capsys)
+    assert not work.exists()  # nothing was preprocessed
+
+
 def test_console_script_and_module_entry_point(sample_bids):
     proc = subprocess.run([sys.executable, "-m", "brainage_bids", "--help"],
                           capture_output=True, text=True, check=True)

@@ -317,6 +317,11 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     if args.reports_only and (not args.reports or args.analysis_level != "participant"):
         raise UsageError("--reports-only re-renders the participant reports: use it at the "
                          "participant level and without --no-reports")
+    if args.model_name is not None:
+        from brainage_bids.model.train_config import model_name_problem
+
+        if (problem := model_name_problem(args.model_name)) is not None:
+            raise UsageError(f"--model-name {problem}")
     omp = args.omp_nthreads or min(args.nprocs, 8)
     train = _train_options(args)
     return Settings(

@@ -131,8 +131,10 @@ def select_images(settings: Settings) -> list:
 def _resolve_model(spec: str, device: str) -> tuple[str, dict]:
     """Load the model once up front so that a bad ``--model`` fails before any work."""
     from brainage_bids.metrics import card_fit_warning
+    from brainage_bids.model.predict import resolve_device
     from brainage_bids.model.weights import load_model
 
+    resolve_device(device)  # --device cuda without a GPU: before any preprocessing
     path = Path(spec).expanduser()
     resolved = str(path.resolve()) if path.exists() else spec
     _, card = load_model(resolved, device="cpu")
@@ -232,8 +234,10 @@ def summarise_participants(images, settings: Settings, failures: dict[str, str],
 def run_train(settings: Settings) -> int:
     from brainage_bids.bids import write_dataset_description
     from brainage_bids.metrics import card_fit_warning
+    from brainage_bids.model.predict import resolve_device
     from brainage_bids.training import train_from_bids
 
+    resolve_device(settings.device)  # --device cuda without a GPU: before any preprocessing
     images = select_images(settings)
     write_dataset_description(settings.output_dir, settings.bids_dir)
     card = train_from_bids(settings, images, execute=execute)

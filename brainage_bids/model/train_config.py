@@ -31,6 +31,14 @@ MIN_TRAIN = 4
 MIN_VAL = 2
 
 
+def model_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a model's file stem (``None`` when it can)."""
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        return (f"must be a non-empty file stem of letters, digits, '-', '_' or '.' (not "
+                f"first), got {name!r}")
+    return None
+
+
 @dataclass(frozen=True)
 class TrainItem:
     """One preprocessed image (91x109x91 MNI brain and its mask) with its age in years.
@@ -134,9 +142,8 @@ class TrainConfig:
             except RuntimeError as exc:
                 raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got "
                                  f"{self.device!r}") from exc
-        if not self.model_name or not all(c.isalnum() or c in "-_." for c in self.model_name):
-            raise ValueError(f"model_name must be a non-empty file stem of letters, digits, "
-                             f"'-', '_' or '.', got {self.model_name!r}")
+        if (problem := model_name_problem(self.model_name)) is not None:
+            raise ValueError(f"model_name {problem}")
         shape = tuple(self.input_shape)
         if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
             raise ValueError(f"input_shape must be three positive integers, got {shape!r}")
