@@ -98,8 +98,8 @@ def run_cohort(settings: Settings, images: Sequence[T1wImage], *,
                      nipype_to_terminal=settings.verbose >= 2) for image in usable]
     workers = image_workers(nprocs=settings.nprocs, omp_nthreads=settings.omp_nthreads,
                             mem_gb=settings.mem_gb)
-    LOG.info("processing %d image(s), %d at a time with %d thread(s) each%s", len(jobs),
-             workers, settings.omp_nthreads,
+    LOG.info("processing %d image(s), %d at a time, each preprocessed on 1 thread and "
+             "predicted on %d%s", len(jobs), workers, settings.omp_nthreads,
              f" ({len(rejected)} more cannot be opened)" if rejected else "")
     progress = Progress(len(images), logger=LOG)
     failures: dict[str, str] = {}

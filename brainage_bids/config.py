@@ -38,7 +38,9 @@ class Settings:
     bids_filters: dict[str, Any] = field(default_factory=dict)
     work_dir: Path = Path("work")
     nprocs: int = 1
-    omp_nthreads: int = 1
+    #: threads per image for the model (the preprocessing runs on one); ``None``: chosen
+    #: per run from ``nprocs`` and the number of images (:func:`with_threads`)
+    omp_nthreads: int | None = None
     mem_gb: float | None = None
     skip_bids_validation: bool = False
     preproc: str = "auto"
@@ -111,3 +113,18 @@ def write_settings(settings: Settings) -> Path:
     lines = ["# brainage-bids run settings (None is written as an empty string)", "[settings]"]
     lines += [f"{key} = {_toml_value(val)}" for key, val in settings.to_dict().items()]
     return atomic_write_text(target, "\n".join(lines) + "\n")
+
+
+def with_threads(settings: Settings, n_images: int) -> Settings:
+    """``settings`` with ``omp_nthreads`` decided: as given, or by default the cores left
+    to each image when every image runs at once (at most 8; at least 1).
+
+    The preprocessing of an image runs on one thread whatever this says (ANTs is kept to
+    one for reproducibility, FSL's bet and flirt use one), so a whole cohort on many cores
+    is fastest with one thread per image and ``nprocs`` images at once, and a single image
+    gets the cores for the model.
+    """
+    if settings.omp_nthreads is not None:
+        return settings
+    threads = max(1, min(8, settings.nprocs // max(1, n_images)))
+    return dataclasses.replace(settings, omp_nthreads=threads)

@@ -20,9 +20,24 @@ def test_settings_are_frozen_and_resolved(sample_bids, tmp_path):
                                "--nprocs", "3"])
     assert settings.participant_label == ("IXI012", "IXI013")  # prefix stripped, deduplicated
     assert settings.bids_dir.is_absolute() and settings.output_dir.is_absolute()
-    assert settings.nprocs == 3 and settings.omp_nthreads == 3
+    assert settings.nprocs == 3 and settings.omp_nthreads is None  # decided per run
     with pytest.raises(AttributeError):
         settings.nprocs = 4  # type: ignore[misc]
+
+
+def test_threads_per_image_by_default_and_as_given(sample_bids, tmp_path):
+    from brainage_bids.config import with_threads
+
+    def threads(*extra, n_images):
+        settings = parse_settings([str(sample_bids), str(tmp_path / "out"), "participant",
+                                   *extra])
+        return with_threads(settings, n_images).omp_nthreads
+
+    assert threads("--nprocs", "16", n_images=1) == 8  # one image: the cores go to the model
+    assert threads("--nprocs", "16", n_images=4) == 4
+    assert threads("--nprocs", "32", n_images=500) == 1  # a cohort: 32 images at once
+    assert threads("--nprocs", "2", n_images=4) == 1
+    assert threads("--nprocs", "16", "--omp-nthreads", "3", n_images=500) == 3
 
 
 def test_settings_written_for_provenance(sample_bids, tmp_path):

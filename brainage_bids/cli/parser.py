@@ -118,11 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "$BRAINAGE_WORK_DIR when set, as in the container, else "
                            "OUTPUT_DIR_work beside OUTPUT_DIR)")
     perf.add_argument("--nprocs", "--n-cpus", type=_positive_int, default=os.cpu_count() or 1,
-                      help="images processed in parallel (nipype MultiProc)")
+                      help="the CPU budget: NPROCS / OMP_NTHREADS images run at once, each in "
+                           "its own process (default: all cores)")
     perf.add_argument("--omp-nthreads", type=_positive_int, default=None,
-                      help="threads per process (ANTs/torch); default: nprocs, at most 8")
+                      help="threads per image for the model; the preprocessing uses one "
+                           "(default: NPROCS / number of images, between 1 and 8)")
     perf.add_argument("--mem-gb", type=_positive_float, default=None,
-                      help="memory limit for nipype's scheduler")
+                      help="memory budget: at most MEM_GB / 1.5 images run at once")
     perf.add_argument("--device", choices=DEVICES, default="auto",
                       help="where the model runs")
 
@@ -322,7 +324,6 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
 
         if (problem := model_name_problem(args.model_name)) is not None:
             raise UsageError(f"--model-name {problem}")
-    omp = args.omp_nthreads or min(args.nprocs, 8)
     train = _train_options(args)
     return Settings(
         bids_dir=bids_dir,
@@ -333,7 +334,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         bids_filters=_read_filters(args.bids_filter_file),
         work_dir=work_dir,
         nprocs=args.nprocs,
-        omp_nthreads=omp,
+        omp_nthreads=args.omp_nthreads,
         mem_gb=args.mem_gb,
         skip_bids_validation=args.skip_bids_validation,
         preproc=args.preproc,

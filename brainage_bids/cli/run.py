@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from brainage_bids.cli.parser import UsageError, parse_settings
-from brainage_bids.config import Settings, write_settings
+from brainage_bids.config import Settings, with_threads, write_settings
 from brainage_bids.interruption import Interrupted, stop_on_signals, terminate_children
 
 LOG = logging.getLogger("brainage_bids")
@@ -151,6 +151,7 @@ def run_participant(settings: Settings) -> int:
     from brainage_bids.workflows.preproc import resolve_backend
 
     images = select_images(settings)
+    settings = with_threads(settings, len(images))
     for image in images:  # a bad age is this image's problem alone: predict without it
         if image.age_problem:
             LOG.warning("%s: %s; predicting without a chronological age (n/a)", image.name,
@@ -239,6 +240,7 @@ def run_train(settings: Settings) -> int:
 
     resolve_device(settings.device)  # --device cuda without a GPU: before any preprocessing
     images = select_images(settings)
+    settings = with_threads(settings, len(images))
     write_dataset_description(settings.output_dir, settings.bids_dir)
     card = train_from_bids(settings, images, execute=execute)
     LOG.info("model written: %s (validation MAE %.2f years)",
