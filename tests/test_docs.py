@@ -53,7 +53,7 @@ def test_docs_have_commands_to_check():
     documented = _documented()
     pages = {page for page, _ in documented}
     assert {"hpc.md", "installation.md"} <= pages
-    assert ("hpc.md", "--omp-nthreads") in documented
+    assert ("hpc.md", "--mem-gb") in documented
 
 
 @pytest.mark.parametrize(("page", "option"), sorted(set(_documented())))
