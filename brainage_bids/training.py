@@ -67,6 +67,16 @@ def _wait_for(paths: list[Path], timeout_s: float = 24 * 3600) -> None:
         time.sleep(5)
 
 
+def _parent_backend(settings: Settings) -> str | None:
+    """The backend that made a fine-tuning parent's inputs (its card), else ``None``."""
+    if not settings.init_from:
+        return None
+    from brainage_bids.model.weights import read_card, resolve_model
+
+    card = read_card(resolve_model(settings.init_from)[0])
+    return (card.get("preprocessing") or {}).get("backend")
+
+
 def ensure_preprocessed(settings: Settings, images: list[T1wImage],
                         execute: Callable) -> tuple[list[T1wImage], dict[str, str]]:
     """Run participant-level preprocessing where its outputs are missing.
@@ -82,7 +92,7 @@ def ensure_preprocessed(settings: Settings, images: list[T1wImage],
     missing, rejected = screen_images(todo)  # a FIFO or a dangling link fails alone
     failures: dict[str, str] = {image.name: reason for image, reason in rejected}
     if missing and _is_main_rank():
-        backend = resolve_backend(settings.preproc)
+        backend = resolve_backend(settings.preproc, _parent_backend(settings))
         LOG.info("preprocessing %d image(s) with the %s backend (%d already done)",
                  len(missing), backend, len(images) - len(todo))
         workflow = init_participant_wf(

@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("preprocessing and model")
     model.add_argument("--preproc", choices=PREPROC_BACKENDS, default="auto",
                        help="fsl: FSL bet + flirt (as in the paper); ants: pure-pip ANTs "
-                            "backend; auto: fsl when bet and flirt are on PATH, else ants")
+                            "backend; auto: the model's own backend (its card), else fsl when bet "
+                            "and flirt are on PATH, else ants")
     model.add_argument("--model", default="default", metavar="PATH|NAME",
                        help="a shipped model name, or a model file/directory written by the "
                             "train level")

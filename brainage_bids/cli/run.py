@@ -148,7 +148,7 @@ def run_participant(settings: Settings) -> int:
     """Images run one after another (``--nprocs`` at a time), each reported as it ends."""
     from brainage_bids.bids import write_dataset_description
     from brainage_bids.cohort import reports_only, run_cohort, write_methods
-    from brainage_bids.workflows.preproc import resolve_backend
+    from brainage_bids.workflows.preproc import backend_mismatch, resolve_backend
 
     images = select_images(settings)
     settings = with_threads(settings, len(images))
@@ -156,8 +156,11 @@ def run_participant(settings: Settings) -> int:
         if image.age_problem:
             LOG.warning("%s: %s; predicting without a chronological age (n/a)", image.name,
                         image.age_problem)
-    backend = resolve_backend(settings.preproc)
     model, card = _resolve_model(settings.model, settings.device)
+    model_backend = (card.get("preprocessing") or {}).get("backend")
+    backend = resolve_backend(settings.preproc, model_backend)
+    if warning := backend_mismatch(backend, model_backend, str(card.get("name"))):
+        LOG.warning("%s", warning)
     architecture = card.get("architecture", {})
     architecture = architecture.get("member", architecture)  # an ensemble: its members'
     is_attention_net = architecture.get("name", "BrainAgeNet") == "BrainAgeNet"

@@ -37,9 +37,13 @@ def fsl_available() -> bool:
     return shutil.which("bet") is not None and shutil.which("flirt") is not None
 
 
-def resolve_backend(name: str) -> str:
-    """``auto`` picks FSL (the paper's tools) when installed, else the pure-pip ANTs one."""
+def resolve_backend(name: str, model_backend: str | None = None) -> str:
+    """``auto`` picks the backend the model's inputs were made with (``model_backend``, from
+    its card) when it is installed; without one, FSL (the paper's tools) when installed,
+    else the pure-pip ANTs one."""
     if name == "auto":
+        if model_backend == "ants" or (model_backend == "fsl" and fsl_available()):
+            return model_backend
         return "fsl" if fsl_available() else "ants"
     if name == "fsl" and not fsl_available():
         raise BackendError("--preproc fsl needs FSL's bet and flirt on PATH; install FSL, "
@@ -47,6 +51,15 @@ def resolve_backend(name: str) -> str:
     if name not in BACKENDS:
         raise BackendError(f"unknown preprocessing backend {name!r}")
     return name
+
+
+def backend_mismatch(backend: str, model_backend: str | None, model: str) -> str | None:
+    """A warning when images are preprocessed otherwise than the model's training images."""
+    if model_backend is None or backend == model_backend:
+        return None
+    return (f"preprocessing with the {backend} backend, but {model} was trained on "
+            f"{model_backend}-preprocessed images: its accuracy and its invariance figures "
+            f"hold for {model_backend} inputs only (use --preproc {model_backend} or auto)")
 
 
 def init_t1w_preproc_wf(*, backend: str, omp_nthreads: int,
