@@ -121,10 +121,24 @@ def test_expected_outputs_cover_the_shipped_sample():
         assert top in lines
     subjects = sorted(p.name for p in SAMPLE.glob("sub-*") if p.is_dir())
     assert len(subjects) == 4
+    assert {"logs/CITATION.md", "logs/CITATION.bib"} <= set(lines)
+    # every derivative that the participant level's sinks write, from their own tables
+    from brainage_bids.derivatives import derivative_path
+    from brainage_bids.workflows.outputs import (
+        ATTENTION_OUTPUTS,
+        GRADCAM_OUTPUTS,
+        PREDICT_OUTPUTS,
+        PREPROC_OUTPUTS,
+    )
+
+    sinks = PREPROC_OUTPUTS + PREDICT_OUTPUTS + GRADCAM_OUTPUTS + ATTENTION_OUTPUTS
     for sub in subjects:
         assert f"{sub}.html" in lines
-        assert f"{sub}/anat/{sub}_brainage.json" in lines
-        assert f"{sub}/anat/{sub}_space-MNI152NLin6Asym_res-2_desc-preproc_T1w.nii.gz" in lines
+        for _, _, suffix, entities in sinks:
+            extension = {"xfm": ".mat", "brainage": ".json"}.get(suffix, ".nii.gz")
+            path = derivative_path(Path("."), {"subject": sub.removeprefix("sub-")},
+                                   suffix=suffix, extension=extension, **entities)
+            assert str(path) in lines, path
     # nothing run-specific left in: a rerun must produce the same list
     assert not [line for line in lines if re.search(r"[0-9a-f]{12}", line)]
 
