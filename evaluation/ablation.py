@@ -207,7 +207,9 @@ def summarise(results: list[dict]) -> list[dict]:
         if not runs:
             continue
         row = {"variant": name, "label": LABELS[name], "seeds": [r["seed"] for r in runs],
-               "n_parameters": runs[0]["n_parameters"], "epochs": runs[0]["epochs"],
+               "n_parameters": runs[0]["n_parameters"],
+               "epochs_run": [r["epochs"] for r in runs],
+               "best_epochs": [r["best_epoch"] for r in runs],
                "train_minutes": float(np.mean([r["train_wall_s"] for r in runs])) / 60}
         for key in ("mae", "rmse", "r"):
             values = np.array([r["test"][key] for r in runs])

@@ -183,13 +183,14 @@ def test_ablation_summary_gives_mean_and_spread_over_seeds():
     ablation = _script("ablation")
 
     def run(variant, seed, mae):
-        return {"variant": variant, "seed": seed, "n_parameters": 10, "epochs": 3,
-                "train_wall_s": 60.0, "val_mae": mae, "test": {"mae": mae, "rmse": mae + 1,
-                                                               "r": 0.9}}
+        return {"variant": variant, "seed": seed, "n_parameters": 10, "epochs": 3 + seed,
+                "best_epoch": 2 + seed, "train_wall_s": 60.0, "val_mae": mae,
+                "test": {"mae": mae, "rmse": mae + 1, "r": 0.9}}
 
     rows = ablation.summarise([run("shared", 0, 5.0), run("shared", 1, 7.0),
                                run("sfcn", 0, 6.0)])
     assert [r["variant"] for r in rows] == ["shared", "sfcn"]
+    assert rows[0]["epochs_run"] == [3, 4] and rows[0]["best_epochs"] == [2, 3]  # every seed's
     assert rows[0]["mae"] == 6.0 and rows[0]["mae_sd"] == pytest.approx(np.sqrt(2))
     assert rows[1]["mae_sd"] is None
     text = ablation.table(rows)
@@ -210,7 +211,7 @@ def test_ablation_keeps_recorded_runs_and_writes_each_new_one_at_once(tmp_path, 
             raise ValueError("stopped")
         trained.append((name, seed))
         return {"variant": name, "seed": seed, "n_parameters": 10, "epochs": 3,
-                "train_wall_s": 60.0, "val_mae": 5.0, "test": {"mae": 5.0 + seed,
+                "best_epoch": 2, "train_wall_s": 60.0, "val_mae": 5.0, "test": {"mae": 5.0 + seed,
                                                                "rmse": 6.0, "r": 0.9}}
 
     monkeypatch.setattr(ablation, "run_variant", run_variant)
