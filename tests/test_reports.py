@@ -189,6 +189,16 @@ def test_figures_module_leaves_matplotlib_global_state_alone():
     assert result.returncode == 0, result.stderr
 
 
+def test_group_labels_are_drawn_as_written_not_as_mathtext():
+    from brainage_bids.reports import figures as f
+
+    groups = ["$10k-$20k", r"grp $\frac{$", "plain"]
+    for fig in (f.predicted_vs_age([20, 40, 60], [30, 40, 50], groups=groups),
+                f.gap_distribution({"gap": [1.0, -2.0, 3.0]}, groups=groups)):
+        svg = f.figure_bytes(fig, "svg").decode()  # renders: mathtext would raise here
+        assert "plain" in svg
+
+
 def test_reports_do_not_import_the_group_level():
     """render.py and group.py imported each other; the report must stand on its own."""
     code = ("import sys, brainage_bids.reports.render; "

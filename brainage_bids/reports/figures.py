@@ -331,7 +331,10 @@ def gradcam_strip(brain: str | Path, saliency: str | Path) -> Figure:
 
 
 def _groups(groups: Sequence[str] | None, n: int) -> tuple[np.ndarray, list[str]]:
-    labels = np.array(["all"] * n if groups is None else [str(g) for g in groups], dtype=object)
+    """Each point's group label as drawn: a participants.tsv value, with ``$`` escaped so that
+    matplotlib shows it as written instead of parsing mathtext (``$10k-$20k``)."""
+    labels = np.array(["all"] * n if groups is None else [str(g).replace("$", r"\$")
+                                                           for g in groups], dtype=object)
     return labels, sorted(set(labels.tolist()), key=str)
 
 
