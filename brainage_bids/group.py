@@ -607,11 +607,27 @@ def group_methods_text(settings: Settings, sidecar: dict[str, Any]):
     summary = sidecar["BrainAge"]
     primary = summary["BiasCorrection"].get(settings.bias_method) or {}
     backends = summary.get("PreprocessingBackends") or ["ants"]
-    card = {} if settings.bias_reference else load_card(settings.model)
-    return group_methods(backend=backends[0], card=card,
+    saliency = any(Path(settings.output_dir).glob("sub-*/**/*_desc-gradcam_saliency.nii.gz"))
+    return group_methods(backend=backends[0], card=records_card(settings, summary["Models"]),
                          mc_samples=summary.get("UncertaintySamples") or 0,
                          bias_method=settings.bias_method,
-                         bias_source=primary.get("Source"))
+                         bias_source=primary.get("Source"), saliency=saliency)
+
+
+def records_card(settings: Settings, models: list[dict[str, Any]]) -> dict[str, Any]:
+    """The card of the model that made the records, for the methods text: ``--model``'s, or
+    (with ``--bias-reference``, where ``--model`` may be left at its default) the shipped
+    model the records name; else what the records say of it (name and checksum)."""
+    shas = {m.get("SHA256") for m in models}
+    for spec in dict.fromkeys([settings.model, *(str(m.get("Name")) for m in models)]):
+        try:
+            card = load_card(spec)
+        except GroupError:
+            continue
+        if card.get("sha256") in shas:
+            return card
+    return {"name": models[0].get("Name"), "sha256": models[0].get("SHA256")} if len(
+        models) == 1 else {}
 
 
 def run_group(settings: Settings) -> int:

@@ -331,6 +331,20 @@ def test_reference_group_fitting(study):
     assert sidecar["BrainAge"]["BiasReference"] == "group=control"
 
 
+def test_methods_text_names_the_records_model_with_a_reference(study, tmp_path):
+    """--bias-reference needs no card for the fits, but the methods must still name the model
+    that made the records: --model's card when it matches them, else what the records say."""
+    from brainage_bids.group import group_methods_text
+
+    settings = replace(study, bias_reference="group=control")
+    _, sidecar = build_group(settings)
+    text = group_methods_text(settings, sidecar).markdown()
+    assert MODEL in text and SHA[:12] in text
+    assert "Grad-CAM" not in text  # no saliency maps among these derivatives
+    unknown = group_methods_text(replace(settings, model="no-such-model"), sidecar).markdown()
+    assert MODEL in unknown and "unnamed" not in unknown
+
+
 @pytest.mark.parametrize(("reference", "message"), [
     ("group=astronaut", "matches no participant"),
     ("cohort=control", "no column 'cohort'"),
