@@ -282,7 +282,10 @@ def describe_uncertainty(*, samples: Any, n_members: int = 1, scale: Any = None,
                                                              else "")
     if n_members > 1 and scaled == "mc_sd":
         return (text + f", as sqrt((k * MC-dropout SD)^2 + member SD^2) with k = {scale:.3g}, "
-                f"fitted so that it matches the errors of {held_out}")
+                f"fitted so that k * MC-dropout SD matches the errors of single members on "
+                f"{held_out}; the members' spread, added on top, makes it wider than the "
+                "ensemble's typical error: read it as a conservative typical error, not as a "
+                "confidence interval for this scan")
     return text + f", scaled by {scale:.3g} so that it matches the errors of {held_out}"
 
 

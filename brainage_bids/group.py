@@ -68,13 +68,16 @@ CORE_COLUMNS: dict[str, dict[str, Any]] = {
     "predicted_age_cole": {"Description": "Bias-corrected predicted age of de Lange & Cole "
                                           "2020: (predicted_age - b)/a, with a, b fitted on "
                                           "predicted_age = a*age + b (needs no age)", **YEARS},
-    "uncertainty_sd": {"Description": "Prediction uncertainty in years: the standard "
-                                      "deviation of the Monte-Carlo dropout predictions "
-                                      "(for an ensemble combined with the spread of its "
-                                      "members' predictions), calibrated with the model "
-                                      "card's scale, fitted on predictions the model was "
-                                      "not trained on so that it matches their errors; the "
-                                      "raw spread when the card has no scale", **YEARS},
+    "uncertainty_sd": {"Description": "Prediction uncertainty in years (the record's "
+                                      "uncertainty.sd). A single model: k x the SD of its "
+                                      "Monte-Carlo dropout predictions. An ensemble: "
+                                      "sqrt((k x MC-dropout SD)^2 + SD of the members' "
+                                      "predictions^2), or k x their combined spread when "
+                                      "the card's uncertainty.scaled is raw_sd. k is the "
+                                      "model card's scale, fitted on predictions the model "
+                                      "was not trained on; without one, the raw spread. "
+                                      "The records' uncertainty entry has each part",
+                       **YEARS},
     "qc_pass": {"Description": "Whether the image passed the participant level's "
                                "quality control (registration, and the input intensities "
                                "against the model's training inputs when its card has "

@@ -36,9 +36,10 @@ def test_participant_methods_describe_the_ants_run_and_the_model():
     assert ("the standard deviation of the 5 members' predictions combined with their "
             "Monte-Carlo dropout standard deviation (20 passes each)" in text)
     assert (f"sqrt((k * MC-dropout SD)^2 + member SD^2) with k = "
-            f"{card['uncertainty']['calibration_scale']:.3g}, fitted so that it matches the "
-            f"errors of predictions the model was not trained on: "
-            f"{card['uncertainty']['fitted_on']}." in text)
+            f"{card['uncertainty']['calibration_scale']:.3g}, fitted so that k * MC-dropout "
+            f"SD matches the errors of single members on predictions the model was not "
+            f"trained on: {card['uncertainty']['fitted_on']}; the members' spread, added on "
+            f"top, makes it wider than the ensemble's typical error" in text)
     assert "validation set" not in text  # v2 is calibrated and bias-fitted out of fold
     assert ("averaged over that image and 8 more resamplings of the native-space brain" in text
             and "up to 1 mm per axis, each with its left-right mirror image." in text)

@@ -110,6 +110,8 @@ def test_participant_reports_one_section_per_image(rendered):
         assert f'id="{name}"' in html
     assert html.count("Predicted brain age") == 2
     assert "55.0" in html and "± 2.5" in html  # chronological age and the MC-dropout SD
+    # the headline gap says it is uncorrected and passes no verdict (regression to the mean)
+    assert html.count("Brain-age gap, uncorrected") == 2 and "looks " not in html
     # the caption says what the SD is: these records' uncalibrated single-model spread
     assert html.count("the standard deviation of 20 Monte-Carlo dropout predictions, not "
                       "calibrated") == 2
@@ -161,6 +163,9 @@ def test_group_report_content_and_escaping(rendered):
         assert label in html
     assert 'class="sortable"' in html
     assert html.count('href="sub-11.html"') == 2  # one row per session
+    # years to one decimal, as in the participant reports
+    cells = re.findall(r'<td class="num" data-sort="[^"]*">([^<]*)</td>', table)
+    assert cells and all(re.fullmatch(r"[+-]?\d+\.\d|n/a", c) for c in cells), cells
 
 
 def test_participant_report_without_any_record(tmp_path):

@@ -239,8 +239,7 @@ def _image_section(output_dir: Path, image: T1wImage, error: str | None) -> dict
         "id": image.name, "title": image.name, "error": error, "has_record": bool(record),
         "source": record.get("source_file") or str(image.path.name),
         "predicted": _fmt(predicted, 1), "sd": _fmt(sd, 1), "age": _fmt(age, 1),
-        "gap": _fmt(gap, 1, signed=True), "gap_sign": None if gap is None else
-        ("older" if gap > 0 else "younger"), "corrected": corrected,
+        "gap": _fmt(gap, 1, signed=True), "corrected": corrected,
         "scale": _age_scale(age, predicted, sd, lo_hi), "outside_range": outside,
         "qc_pass": qc.get("qc_pass"), "qc_rows": _qc_rows(qc),
         "uncertainty": record.get("uncertainty") or {},
@@ -385,7 +384,9 @@ def _cell(value: Any, column: str) -> dict[str, Any]:
     if missing:
         return {"text": "n/a", "sort": "", "numeric": False}
     if isinstance(value, float):
-        digits = 1 if column in ("age", "predicted_age", "predicted_age_cole") else 2
+        # years to one decimal, as the participant reports show them: the two never disagree
+        years = column in ("age", "predicted_age", "predicted_age_cole", "uncertainty_sd")
+        digits = 1 if years or column.startswith("brain_age_gap") else 2
         signed = column.startswith("brain_age_gap")
         return {"text": _fmt(value, digits, signed=signed), "sort": repr(value),
                 "numeric": True}
