@@ -64,7 +64,9 @@ CORE_COLUMNS: dict[str, dict[str, Any]] = {
     "brain_age_gap_cole": {"Description": "Brain-age gap corrected as in de Lange & Cole 2020:"
                                           " predicted_age_cole - age", **YEARS},
     "brain_age_gap_smith": {"Description": "Brain-age gap corrected as in Smith et al. 2019: "
-                                           "residual of the gap regressed on age", **YEARS},
+                                           "residual of the gap regressed on age, always "
+                                           "fitted on this group (or the reference group)",
+                            **YEARS},
     "predicted_age_cole": {"Description": "Bias-corrected predicted age of de Lange & Cole "
                                           "2020: (predicted_age - b)/a, with a, b fitted on "
                                           "predicted_age = a*age + b (needs no age)", **YEARS},
@@ -99,7 +101,6 @@ QC_DESCRIPTIONS: dict[str, dict[str, Any]] = {
     "mask_volume_ml": {"Description": "Volume of the native-space brain mask", "Units": "mL"},
     "mask_mni_volume_ml": {"Description": "Volume of the brain mask in MNI152NLin6Asym space "
                                           "(after the 12-dof affine)", "Units": "mL"},
-    "brain_volume_ml": {"Description": "Volume of the native-space brain mask", "Units": "mL"},
     "intensity_distance": {"Description": "Mean absolute difference between the percentiles "
                                           "of the normalised intensities inside the brain "
                                           "and those of the model's training inputs (model "
