@@ -348,12 +348,34 @@ def _model(methods: Methods, card: dict[str, Any], versions: dict[str, str],
     return text
 
 
-def _bias(methods: Methods, method: str, source: str | None) -> str:
-    text = (f"The brain-age gap (predicted minus chronological age) was corrected for its "
-            f"dependence on age {methods.cite(BIAS_REFERENCES[method])}: {BIAS_TEXT[method]}")
-    if source:
-        text += f" (coefficients: {source})"
-    return text + ". Uncorrected gaps, MAE and r(gap, age) are reported beside corrected values."
+def _bias(methods: Methods, method: str, source: str | None,
+          corrections: dict[str, dict[str, Any]] | None = None,
+          group: dict[str, Any] | None = None) -> str:
+    corrections = corrections or {}
+
+    def fit(entry: dict[str, Any]) -> str:
+        n = entry.get("N")
+        where = entry.get("Source")
+        return "; ".join(str(x) for x in (where, None if n is None else f"n = {n}") if x)
+
+    text = ""
+    if group and group.get("images") is not None:
+        text = (f"The group comprised {group['images']} image(s) of "
+                f"{group.get('participants')} participant(s), "
+                f"{group.get('images_qc_fail', 0)} of which failed quality control. ")
+    text += (f"The brain-age gap (predicted minus chronological age) was corrected for its "
+             f"dependence on age {methods.cite(BIAS_REFERENCES[method])}: {BIAS_TEXT[method]}")
+    primary = fit(corrections.get(method) or {}) or source
+    if primary:
+        text += f" (coefficients: {primary})"
+    text += "."
+    others = [m for m in BIAS_REFERENCES if m != method and (corrections.get(m) or {}).get(
+        "Coefficients")]
+    if others:
+        text += " The table also gives the gap corrected as in " + "; and as in ".join(
+            f"{methods.cite(BIAS_REFERENCES[m])}, {BIAS_TEXT[m]} ({fit(corrections[m])})"
+            for m in others) + "."
+    return text + " Uncorrected gaps, MAE and r(gap, age) are reported beside corrected values."
 
 
 def participant_methods(*, backend: str, card: dict[str, Any], mc_samples: int,
@@ -369,11 +391,17 @@ def participant_methods(*, backend: str, card: dict[str, Any], mc_samples: int,
 
 def group_methods(*, backend: str, card: dict[str, Any], mc_samples: int, bias_method: str,
                   bias_source: str | None, saliency: bool = True,
-                  versions: dict[str, str] | None = None) -> Methods:
-    """The participant-level methods plus the group's bias correction."""
+                  versions: dict[str, str] | None = None,
+                  corrections: dict[str, dict[str, Any]] | None = None,
+                  group: dict[str, Any] | None = None) -> Methods:
+    """The participant-level methods plus the group's bias corrections.
+
+    ``corrections`` is the group sidecar's ``BiasCorrection`` (each method's source, ``N``
+    and coefficients) and ``group`` its ``N``; without them only ``bias_source`` is named.
+    """
     methods = participant_methods(backend=backend, card=card, mc_samples=mc_samples,
                                   saliency=saliency, versions=versions)
-    methods.paragraphs.append(_bias(methods, bias_method, bias_source))
+    methods.paragraphs.append(_bias(methods, bias_method, bias_source, corrections, group))
     return methods
 
 

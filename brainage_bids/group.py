@@ -615,7 +615,8 @@ def group_methods_text(settings: Settings, sidecar: dict[str, Any]):
     return group_methods(backend=backends[0], card=records_card(settings, summary["Models"]),
                          mc_samples=summary.get("UncertaintySamples") or 0,
                          bias_method=settings.bias_method,
-                         bias_source=primary.get("Source"), saliency=saliency)
+                         bias_source=primary.get("Source"), saliency=saliency,
+                         corrections=summary["BiasCorrection"], group=summary["N"])
 
 
 def records_card(settings: Settings, models: list[dict[str, Any]]) -> dict[str, Any]:

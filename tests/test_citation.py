@@ -79,6 +79,25 @@ def test_ensemble_and_group_bias_correction():
     assert "averaged over that image and its left-right mirror image." in text
 
 
+def test_group_methods_name_every_correction_with_its_fit():
+    corrections = {
+        "beheshti": {"Source": "model card, fitted on out-of-fold predictions", "N": 120,
+                     "Coefficients": {"slope": -0.3, "intercept": 12.0}},
+        "cole": {"Source": "model card, fitted on out-of-fold predictions", "N": 120,
+                 "Coefficients": {"slope": 0.7, "intercept": 15.0}},
+        "smith": {"Source": "fitted on this group's images", "N": 37,
+                  "Coefficients": {"coef": [1.0, -0.2]}}}
+    text = group_methods(backend="ants", card={"name": "m", "sha256": "ab" * 32},
+                         mc_samples=20, bias_method="beheshti", bias_source=None,
+                         versions=VERSIONS, corrections=corrections,
+                         group={"images": 40, "participants": 38, "images_qc_fail": 3}
+                         ).markdown()
+    assert "The group comprised 40 image(s) of 38 participant(s), 3 of which failed" in text
+    assert "(coefficients: model card, fitted on out-of-fold predictions; n = 120)" in text
+    assert "(de Lange & Cole, 2020)" in text and "(Smith et al., 2019)" in text
+    assert "(fitted on this group's images; n = 37)" in text
+
+
 def test_citation_files_match_each_other(tmp_path):
     methods = participant_methods(backend="ants", card=shipped_card(), mc_samples=20,
                                   versions=VERSIONS)
