@@ -147,6 +147,17 @@ def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Call
         raise TrainDataError(
             f"only {len({im.subject for im in labelled})} participant(s) with an age; "
             f"training needs at least {needed} ({MIN_TRAIN} to train, {MIN_VAL} to validate)")
+    name = settings.model_name or default_model_name(settings.bids_dir)
+    config = TrainConfig(
+        epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+        loss=settings.loss, attention=settings.attention, seed=settings.seed,
+        device=settings.device, patience=settings.patience, augment=settings.augment,
+        dropout=settings.dropout,
+        # one training process: it gets every CPU the run was given, not one worker's share
+        num_threads=settings.nprocs, val_fraction=settings.val_fraction,
+        model_name=name)  # its checks, and the splits', before hours of preprocessing
+    _check_splits(settings, [TrainItem(id=im.name, image="", mask="", age=float(im.age),
+                                       group=im.subject) for im in labelled])
     usable, failures = ensure_preprocessed(settings, labelled, execute)
     if failures:
         LOG.warning("skipping %d image(s) whose preprocessing failed: %s", len(failures),
@@ -159,15 +170,6 @@ def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Call
                                native=native_outputs(settings.output_dir, image.entities)))
     # grouped by participant: no one's sessions straddle the train/validation split
     train, val = split_stratified(items, settings.val_fraction, settings.seed)
-    name = settings.model_name or default_model_name(settings.bids_dir)
-    config = TrainConfig(
-        epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
-        loss=settings.loss, attention=settings.attention, seed=settings.seed,
-        device=settings.device, patience=settings.patience, augment=settings.augment,
-        dropout=settings.dropout,
-        # one training process: it gets every CPU the run was given, not one worker's share
-        num_threads=settings.nprocs, val_fraction=settings.val_fraction,
-        model_name=name)
     backends = sorted({transform_backend(settings.output_dir, im.entities) for im in usable})
     LOG.info("recording the training inputs' intensity distribution (QC reference)")
     card_extra = {
@@ -211,6 +213,26 @@ def train_from_bids(settings: Settings, images: list[T1wImage], *, execute: Call
                        card_extra=card_extra,
                        init_state=init_states[0] if init_states else None,
                        finish=validation_fits(config, val, settings.mc_samples))
+
+
+def _check_splits(settings: Settings, probe: list[TrainItem]) -> None:
+    """The validation split or the folds that ``probe`` (the labelled images, not yet
+    preprocessed) would give: too few participants is said now, not after preprocessing."""
+    from brainage_bids.model.cv import plan_members
+    from brainage_bids.model.train_config import check_split_sizes, split_stratified
+
+    try:
+        if settings.folds > 1 or settings.ensemble > 1:
+            plan_members(probe, folds=settings.folds, seeds_per_fold=settings.ensemble,
+                         seed=settings.seed, val_fraction=settings.val_fraction)
+        else:
+            check_split_sizes(*split_stratified(probe, settings.val_fraction, settings.seed))
+    except ValueError as err:
+        n = len({item.group for item in probe})
+        raise TrainDataError(
+            f"{n} participant(s) with an age cannot be split as asked (--folds "
+            f"{settings.folds}, --ensemble {settings.ensemble}, --val-fraction "
+            f"{settings.val_fraction}): {err}") from None
 
 
 def input_reference(items: Sequence[TrainItem]) -> dict[str, Any]:

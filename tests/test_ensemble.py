@@ -6,6 +6,7 @@ training runs in seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -158,3 +159,11 @@ def test_resume_reuses_finished_members(items, tmp_path: Path) -> None:
     assert again["sha256"] == first["sha256"]  # member 2 resumed to the same weights
     card = json.loads((out / "res.json").read_text())
     assert card["ensemble"]["members"][2]["sha256"] == first["ensemble"]["members"][2]["sha256"]
+    # other options would mix two recipes in one ensemble: refused, naming the change
+    with pytest.raises(ValueError, match=r"res-m0\.json \(member 0\) was trained with other "
+                                         r"options \(lr 0\.0001 -> 0\.005"):
+        train_ensemble(dataclasses.replace(config, lr=5e-3), items, out, work_dir=work,
+                       folds=3, mc_samples=2, progress=False, resume=True)
+    with pytest.raises(ValueError, match="trained on other participants or folds"):
+        train_ensemble(config, items[:-2], out, work_dir=work, folds=3, mc_samples=2,
+                       progress=False, resume=True)

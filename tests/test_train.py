@@ -357,6 +357,26 @@ def test_resume_refuses_a_different_configuration(trained, split, tmp_path):
         train_model(_config(lr=3e-4), train, val, tmp_path / "out", work_dir=root / "work",
                     resume=True, progress=False)
     assert not (tmp_path / "out").exists()
+    # fewer epochs than the checkpoint ran: its best epoch may lie beyond them
+    with pytest.raises(ValueError, match=r"it has run 3 epochs, more than the 2 asked for"):
+        train_model(_config(epochs=2), train, val, tmp_path / "out", work_dir=root / "work",
+                    resume=True, progress=False)
+
+
+def test_a_damaged_checkpoint_is_named(trained, split, tmp_path):
+    root, _ = trained
+    train, val = split
+    payload = torch.load(checkpoint_path(root / "work", "tiny"), weights_only=True)
+    work = tmp_path / "work"
+    target = checkpoint_path(work, "tiny")
+    target.parent.mkdir(parents=True)
+    for damaged, message in (([1, 2], "is not a brainage-bids checkpoint"),
+                             ({k: v for k, v in payload.items() if k != "history"},
+                              r"it is damaged \(KeyError")):
+        torch.save(damaged, target)
+        with pytest.raises(ValueError, match=rf"{target}.*{message}"):
+            train_model(_config(), train, val, tmp_path / "out", work_dir=work, resume=True,
+                        progress=False)
 
 
 def test_progress_bar_goes_to_stderr(split, tmp_path, capsys):
@@ -464,3 +484,26 @@ def test_engine_trains_sfcn_with_soft_labels(split, tmp_path):
     assert bool(((pred > 14) & (pred < 94)).all())
     ages = np.array([i.age for i in val])
     assert np.abs(pred - ages).mean() == pytest.approx(card["validation"]["mae"], abs=0.05)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"folds": 5}, r"7 participant\(s\) with an age cannot be split as asked \(--folds 5"),
+    ({"val_fraction": 0.1}, r"need at least 2 validation images, got 1"),
+    ({"model_name": ".hidden"}, r"model_name must be a non-empty file stem"),
+])
+def test_train_level_checks_its_splits_before_any_preprocessing(tmp_path, options, message):
+    """Hours of preprocessing must not come before an error the labels alone could give."""
+    from brainage_bids.bids import T1wImage
+    from brainage_bids.config import Settings
+    from brainage_bids.training import train_from_bids
+
+    images = [T1wImage(path=tmp_path / f"sub-{i:02d}_T1w.nii.gz", entities={"subject": f"{i:02d}"},
+                       age=20.0 + 7 * i) for i in range(7)]
+    settings = Settings(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="train",
+                        work_dir=tmp_path / "work", **options)
+
+    def execute(*args):
+        raise AssertionError("preprocessing ran")
+
+    with pytest.raises(ValueError, match=message):
+        train_from_bids(settings, images, execute=execute)

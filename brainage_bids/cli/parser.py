@@ -39,6 +39,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
 def _number(text: str) -> float:
     try:
         return float(text)
@@ -146,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="participant level: re-render the HTML reports (and "
                             "logs/CITATION.md) from existing derivatives, without "
                             "preprocessing or predicting")
-    model.add_argument("--seed", type=int, default=42, help="random seed (recorded in logs)")
+    model.add_argument("--seed", type=_non_negative_int, default=42,
+                       help="random seed (recorded in logs)")
 
     train = parser.add_argument_group("train level")
     train.add_argument("--epochs", type=_positive_int, default=None,

@@ -246,6 +246,8 @@ def run_train(settings: Settings) -> int:
     settings = with_threads(settings, len(images))
     write_dataset_description(settings.output_dir, settings.bids_dir)
     card = train_from_bids(settings, images, execute=execute)
+    if not card:  # an ensemble under torchrun, on a rank other than 0: rank 0 writes it
+        return EXIT_OK
     LOG.info("model written: %s (validation MAE %.2f years)",
              settings.output_dir / "models" / f"{card['name']}.safetensors",
              card["validation"]["mae"])

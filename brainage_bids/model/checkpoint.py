@@ -119,18 +119,24 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a foreign or damaged file must not crash obscurely
         raise ValueError(f"cannot resume from {path}: {exc}") from exc
-    if payload.get("format") != CHECKPOINT_FORMAT or payload.get("version") != CHECKPOINT_VERSION:
+    if (not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT
+            or payload.get("version") != CHECKPOINT_VERSION):
         raise ValueError(f"{path} is not a brainage-bids checkpoint of version "
-                         f"{CHECKPOINT_VERSION}")
+                         f"{CHECKPOINT_VERSION}; delete it or use another work directory")
     for key, what in (("config_digest", "training options"), ("items_digest", "images")):
         if payload.get(key) != digests[key]:
             raise ValueError(f"cannot resume from {path}: it was made with different {what}; "
                              "start afresh (resume=False) or use another work directory")
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    return TrainState(epoch=payload["epoch"], history=payload["history"],
-                      best_mae=payload["best_mae"], best_epoch=payload["best_epoch"],
-                      best_state=payload["best_model"], best_val_pred=payload["best_val_pred"],
-                      since_best=payload["since_best"], finished=payload["finished"],
-                      wall_seconds=payload["wall_seconds"])
+    try:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        return TrainState(epoch=int(payload["epoch"]), history=payload["history"],
+                          best_mae=payload["best_mae"], best_epoch=payload["best_epoch"],
+                          best_state=payload["best_model"],
+                          best_val_pred=payload["best_val_pred"],
+                          since_best=payload["since_best"], finished=payload["finished"],
+                          wall_seconds=payload["wall_seconds"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"cannot resume from {path}: it is damaged ({type(exc).__name__}: "
+                         f"{exc}); delete it or use another work directory") from exc
 

@@ -117,12 +117,33 @@ def member_name(model_name: str, index: int) -> str:
     return f"{model_name}-m{index}"
 
 
-def _member_card_matches(card: dict[str, Any], plan: MemberPlan, config: TrainConfig) -> bool:
+def _member_card_matches(card: dict[str, Any], plan: MemberPlan, config: TrainConfig,
+                         card_path: Path) -> bool:
+    """Whether a finished member is this plan's member, to be reused as it is.
+
+    ``False`` when only the number of epochs differs: the member's checkpoint then resumes
+    (and trains longer). A member trained on other images or with options that change
+    results is a :class:`ValueError`: reusing it would mix members of two recipes in one
+    ensemble, and training it again silently would throw away hours.
+    """
+    from brainage_bids.model.checkpoint import _RUNTIME_ONLY
+
     data = card.get("training_data") or {}
-    return (data.get("train_ids") == [i.id for i in plan.train]
-            and data.get("validation_ids") == [i.id for i in plan.val]
-            and (card.get("training") or {}).get("seed") == plan.seed
-            and (card.get("training") or {}).get("config", {}).get("epochs") == config.epochs)
+    if (data.get("train_ids") != [i.id for i in plan.train]
+            or data.get("validation_ids") != [i.id for i in plan.val]):
+        raise ValueError(f"cannot resume: {card_path} is member {plan.index} of an ensemble "
+                         "trained on other participants or folds; rerun with the same images, "
+                         "--folds and --seed, or use another work directory (-w)")
+    saved = (card.get("training") or {}).get("config") or {}
+    wanted = dataclasses.replace(config, seed=plan.seed).to_dict()
+    changed = [f"{key} {saved.get(key)!r} -> {wanted[key]!r}" for key in wanted
+               if key not in (*_RUNTIME_ONLY, "epochs") and key in saved
+               and saved[key] != wanted[key]]
+    if changed:
+        raise ValueError(f"cannot resume: {card_path} (member {plan.index}) was trained with "
+                         f"other options ({', '.join(changed)}); rerun with its options, or "
+                         "use another work directory (-w) to start afresh")
+    return saved.get("epochs") == config.epochs
 
 
 def _train_member(config: TrainConfig, plan: MemberPlan, members_dir: Path, work_dir: Path,
@@ -135,12 +156,12 @@ def _train_member(config: TrainConfig, plan: MemberPlan, members_dir: Path, work
     card_path = members_dir / f"{name}.json"
     if resume and card_path.is_file():
         card = read_card(card_path)
-        if _member_card_matches(card, plan, config):
+        if _member_card_matches(card, plan, config, card_path):
             LOGGER.info("member %d (fold %d) is finished; reusing %s", plan.index, plan.fold,
                         card_path)
             return card
-        LOGGER.info("member %d: %s was trained on other images or options; training it "
-                    "again", plan.index, card_path.name)
+        LOGGER.info("member %d: %s ran another number of epochs; resuming it from its "
+                    "checkpoint", plan.index, card_path.name)
     extra = dict(card_extra)
     extra["training_data"] = {**dict(card_extra.get("training_data") or {}),
                               "train_ids": [i.id for i in plan.train],

@@ -438,6 +438,10 @@ def _train(config: TrainConfig, env: DistEnv, train_items: list[TrainItem],
     state = TrainState()
     if resume and ckpt.is_file():
         state = load_checkpoint(ckpt, model, optimizer, digests)
+        if state.epoch > config.epochs:  # its best epoch may lie beyond the budget asked for
+            raise ValueError(f"cannot resume from {ckpt}: it has run {state.epoch} epochs, "
+                             f"more than the {config.epochs} asked for; rerun with --epochs "
+                             f"{state.epoch} or more, or use another work directory (-w)")
         LOGGER.info("resuming %s after epoch %d", config.model_name, state.epoch)
     elif resume:
         LOGGER.info("no checkpoint at %s; starting afresh", ckpt)

@@ -207,16 +207,24 @@ def split_stratified(items: Sequence[TrainItem], val_fraction: float,
     return train, val
 
 
-def validate_items(train: Sequence[TrainItem], val: Sequence[TrainItem]) -> None:
-    """Refuse too few items, bad ages, missing files, repeated ids and leaked groups."""
+def check_split_sizes(train: Sequence[TrainItem], val: Sequence[TrainItem]) -> None:
+    """Refuse a split with fewer than ``MIN_TRAIN`` training or ``MIN_VAL`` validation images."""
     for split, items, minimum in (("training", train, MIN_TRAIN), ("validation", val, MIN_VAL)):
         if len(items) < minimum:
             raise ValueError(f"need at least {minimum} {split} images, got {len(items)}")
+
+
+def validate_items(train: Sequence[TrainItem], val: Sequence[TrainItem]) -> None:
+    """Refuse too few items, bad ages, missing files, repeated ids and leaked groups."""
+    from brainage_bids.bids import MAX_AGE, MIN_AGE  # one rule for what an age may be
+
+    check_split_sizes(train, val)
+    for items in (train, val):
         for item in items:
             if not isinstance(item, TrainItem):
                 raise ValueError(f"expected TrainItem, got {type(item).__name__}")
             age = float(item.age)
-            if not math.isfinite(age) or not 0.0 < age < 130.0:
+            if not math.isfinite(age) or not MIN_AGE <= age <= MAX_AGE:
                 raise ValueError(f"item {item.id!r} has an invalid age {item.age!r}")
             for path in (item.image, item.mask):
                 if not Path(path).is_file():
