@@ -102,6 +102,14 @@ def ensure_preprocessed(settings: Settings, images: list[T1wImage],
         failed = execute(workflow, settings)
         failures.update({im.name: failed.get(im.node_name) or failed.get("*", "")
                          for im in missing if im.node_name in failed or "*" in failed})
+        if failed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # the other ranks wait for every image's outputs: they would wait for a failed
+            # one until their timeout. Stopping here ends the whole torchrun job at once.
+            name, error = next(iter(failures.items()))
+            raise TrainDataError(
+                f"{len(failed)} image(s) failed preprocessing (e.g. {name}: {error}); under "
+                "torchrun every process must train on the same images: fix them or leave "
+                "them out (--participant-label), or preprocess first without torchrun")
     elif missing:
         _wait_for([p for im in missing for p in preprocessed_paths(settings.output_dir, im)])
     done = [im for im in images
