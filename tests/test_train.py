@@ -507,3 +507,27 @@ def test_train_level_checks_its_splits_before_any_preprocessing(tmp_path, option
 
     with pytest.raises(ValueError, match=message):
         train_from_bids(settings, images, execute=execute)
+
+
+def test_a_failed_preprocessing_under_torchrun_stops_rank_0(tmp_path, monkeypatch):
+    """The other ranks wait for every image's outputs; rank 0 must not go on without one."""
+    from brainage_bids.bids import T1wImage
+    from brainage_bids.config import Settings
+    from brainage_bids.training import TrainDataError, ensure_preprocessed
+
+    t1w = tmp_path / "bids" / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    t1w.parent.mkdir(parents=True)
+    t1w.write_bytes(b"not a nifti")
+    image = T1wImage(path=t1w, entities={"subject": "01"}, age=30.0)
+    settings = Settings(bids_dir=tmp_path / "bids", output_dir=tmp_path / "out",
+                        analysis_level="train", work_dir=tmp_path / "work", omp_nthreads=1,
+                        preproc="ants")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TrainDataError, match=r"1 image\(s\) failed preprocessing \(e\.g\. "
+                                             r"sub-01: boom\); under torchrun"):
+        ensure_preprocessed(settings, [image], lambda wf, s: {image.node_name: "boom"})
+    monkeypatch.setenv("WORLD_SIZE", "1")  # alone, the image is skipped and named
+    done, failures = ensure_preprocessed(settings, [image],
+                                         lambda wf, s: {image.node_name: "boom"})
+    assert done == [] and failures == {"sub-01": "boom"}
