@@ -112,6 +112,16 @@ def test_bids_filter_file_must_be_json(sample_bids, tmp_path):
     settings = parse_settings([str(sample_bids), str(tmp_path / "out"), "participant",
                                "--bids-filter-file", str(good)])
     assert settings.bids_filters == {"t1w": {"acquisition": "mprage"}}
+    for text, message in (('{"T1w": {"acquisition": "mprage"}}', "has no \"t1w\" query"),
+                          ('{"t1w": {"acquisiton": "mprage"}}',
+                           "'acquisiton' is not a BIDS entity \\(did you mean 'acquisition'")):
+        bad.write_text(text)
+        with pytest.raises(UsageError, match=message):
+            parse_settings([str(sample_bids), str(tmp_path / "out"), "participant",
+                            "--bids-filter-file", str(bad)])
+    good.write_text('{"t1w": {"desc": null, "run": 1}, "bold": {"task": "rest"}}')
+    parse_settings([str(sample_bids), str(tmp_path / "out"), "participant",
+                    "--bids-filter-file", str(good)])  # fMRIPrep's other queries are ignored
 
 
 def test_unknown_participant_is_one_line_runtime_error(sample_bids, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 from collections.abc import Callable
@@ -293,6 +294,21 @@ def _read_filters(path: Path | None) -> dict[str, Any]:
         raise UsageError(
             f'--bids-filter-file {path} must map a query name to entity filters, e.g. '
             '{"t1w": {"acquisition": "mprage"}}')
+    if "t1w" not in filters:  # a typo ("T1w") would otherwise select every image
+        raise UsageError(
+            f'--bids-filter-file {path} has no "t1w" query (it has '
+            f'{", ".join(repr(k) for k in filters) or "none"}): brainage-bids reads only '
+            '"t1w", e.g. {"t1w": {"acquisition": "mprage"}}')
+    from bids.layout.models import Config
+
+    known = {e for name in ("bids", "derivatives") for e in Config.load(name).entities}
+    unknown = sorted(set(filters["t1w"]) - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"--bids-filter-file {path}: {unknown[0]!r} is not a BIDS entity"
+                         f"{hint}; pybids names them in full: subject, session, "
+                         "acquisition, reconstruction, run, ...")
     return filters
 
 
