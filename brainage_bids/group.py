@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +141,9 @@ def load_card(spec: str) -> dict[str, Any]:
         raise GroupError(f"cannot load the model card of --model {spec}: {message}") from None
 
 
-def find_records(settings: Settings) -> list[Path]:
-    """Brain-age records of the selected T1w images that the participant level wrote."""
+def find_records(settings: Settings) -> tuple[list[Path], list[str]]:
+    """Brain-age records of the selected T1w images that the participant level wrote, and
+    the names of the selected images that have none."""
     from brainage_bids.bids import collect_t1w, load_layout
 
     layout = load_layout(settings.bids_dir, validate=not settings.skip_bids_validation,
@@ -151,10 +153,11 @@ def find_records(settings: Settings) -> list[Path]:
     paths = [derivative_path(settings.output_dir, image.entities, suffix="brainage",
                              extension=".json") for image in images]
     found = [p for p in paths if p.is_file()]
-    if len(found) < len(paths):
+    missing = [image.name for image, p in zip(images, paths, strict=True) if not p.is_file()]
+    if missing:
         LOG.info("%d of %d selected T1w image(s) have no brain-age record (not processed, "
-                 "or failed)", len(paths) - len(found), len(paths))
-    return found
+                 "or failed)", len(missing), len(paths))
+    return found, missing
 
 
 def record_problem(record: Any) -> str | None:
@@ -526,10 +529,13 @@ def write_table(table: pd.DataFrame, target: Path) -> Path:
 
 def build_group(settings: Settings) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The group table and its sidecar (nothing written): the testable core of the level."""
-    records = read_records(find_records(settings), skip_unreadable=settings.skip_unreadable)
+    paths, without_record = find_records(settings)
+    records = read_records(paths, skip_unreadable=settings.skip_unreadable)
     if not records:
-        raise GroupError(f"no brain-age records in {settings.output_dir}: run the participant "
-                         "level first")
+        who = (" for " + ", ".join(f"sub-{s}" for s in settings.participant_label)
+               if settings.participant_label else "")
+        raise GroupError(f"no brain-age records{who} in {settings.output_dir}: run the "
+                         "participant level first")
     table, qc_names = records_table(records)
     participants, described = read_participants(settings.bids_dir)
 
@@ -572,7 +578,9 @@ def build_group(settings: Settings) -> tuple[pd.DataFrame, dict[str, Any]]:
                        "bias-correction coefficients with their origin",
         "N": {"images": len(table), "participants": int(table["participant_id"].nunique()),
               "images_with_age": int(with_age.sum()),
-              "images_qc_fail": int((table["qc_pass"] == QC_FALSE).sum())},
+              "images_qc_fail": int((table["qc_pass"] == QC_FALSE).sum()),
+              "images_without_record": len(without_record)},
+        "WithoutRecord": without_record,
         "Metrics": metrics,
         "MetricsDescription": {
             "N": "number of images with a known age", "MAE": "mean absolute error (years)",
@@ -595,11 +603,16 @@ def build_group(settings: Settings) -> tuple[pd.DataFrame, dict[str, Any]]:
     return table, sidecar
 
 
-def group_errors(settings: Settings) -> list[dict[str, Any]]:
-    """Images whose latest participant-level run failed: reason and crash file."""
+def group_errors(settings: Settings,
+                 without_record: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Images whose latest participant-level run failed (reason and crash file), and the
+    other selected images that have no record yet."""
     from brainage_bids.cohort import last_failures
 
     errors, crashes = last_failures(settings.logs_dir)
+    for name in without_record:
+        errors.setdefault(name, "no brain-age record: not processed yet (run the participant "
+                                "level for it), or its record was removed")
     return [{"image": name, "error": error, "crash": crashes.get(name)}
             for name, error in sorted(errors.items())]
 
@@ -655,6 +668,7 @@ def run_group(settings: Settings) -> int:
         from brainage_bids.reports.render import write_group_report
 
         LOG.info("group report: %s", write_group_report(out, table, sidecar,
-                                                        errors=group_errors(settings),
+                                                        errors=group_errors(
+                                                            settings, summary["WithoutRecord"]),
                                                         methods=methods))
     return 0

@@ -275,6 +275,21 @@ def test_participants_columns_never_clash(study):
     assert set(header) <= set(sidecar)
 
 
+def test_images_without_a_record_are_named(study):
+    from brainage_bids.group import group_errors
+
+    (study.output_dir / "sub-02" / "anat" / "sub-02_brainage.json").unlink()
+    _, sidecar = build_group(study)
+    assert sidecar["BrainAge"]["WithoutRecord"] == ["sub-02"]
+    assert sidecar["BrainAge"]["N"]["images_without_record"] == 1
+    (error,) = group_errors(study, sidecar["BrainAge"]["WithoutRecord"])
+    assert error["image"] == "sub-02" and "not processed yet" in error["error"]
+    for record in study.output_dir.rglob("sub-02*_brainage.json"):
+        record.unlink()
+    with pytest.raises(GroupError, match="no brain-age records for sub-02 in"):
+        build_group(replace(study, participant_label=("02",)))
+
+
 def test_corrections_match_hand_computed_values(study):
     table, sidecar = build_group(study)
     age = table["age"].to_numpy(float)
