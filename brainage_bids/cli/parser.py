@@ -31,6 +31,19 @@ class UsageError(Exception):
     """A mistake in the command line: reported in one line, exit code 2."""
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it says something: not for flags, not for an empty or
+    unset one (decided later), and not twice when the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (isinstance(default, bool) or default in (None, [], ()) or "default" in text
+                or default is argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def _int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: a whole number of at least ``minimum``."""
     def parse(text: str) -> int:
@@ -99,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
             "gather brain-age-gap tables and reports; 'train' fits the model to your own "
             "cohort from participants.tsv."),
         epilog="Documentation: docs/usage.md. Report problems with the log in OUTPUT_DIR/logs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     parser.add_argument("bids_dir", type=Path,
                         help="the root of the BIDS dataset (read only, never written)")
@@ -163,11 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive_int, default=None,
                        help=f"default {TRAIN_DEFAULTS['epochs']} as the paper; "
                             f"{FINETUNE_DEFAULTS['epochs']} with --init-from")
-    train.add_argument("--batch-size", type=_positive_int, default=4)
+    train.add_argument("--batch-size", type=_positive_int, default=4,
+                       help="images per optimisation step (the paper's 4); under torchrun "
+                            "the global batch, split across processes")
     train.add_argument("--lr", type=_positive_float, default=None,
                        help=f"Adam learning rate (default {TRAIN_DEFAULTS['lr']:g}; "
                             f"{FINETUNE_DEFAULTS['lr']:g} with --init-from)")
-    train.add_argument("--loss", choices=REGRESSION_LOSSES, default="l1")
+    train.add_argument("--loss", choices=REGRESSION_LOSSES, default="l1",
+                       help="regression loss on the age in years (l1: mean absolute error, "
+                            "as the paper)")
     train.add_argument("--val-fraction", type=_fraction, default=0.2,
                        help="validation share, stratified by age")
     train.add_argument("--attention", choices=ATTENTION_VARIANTS, default=None,
