@@ -44,6 +44,21 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _shipped_models() -> str:
+    """The registry's names for --help, read as plain JSON (the loader imports torch)."""
+    from importlib import resources
+
+    try:
+        registry = json.loads((resources.files("brainage_bids") / "data" / "models"
+                               / "registry.json").read_text(encoding="utf-8"))
+        names = [str(entry["name"]) for entry in registry["models"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "see docs/usage.md"
+    default = registry.get("default")
+    others = [name for name in names if name != default]
+    return f"default: {default}" + (f"; also {', '.join(others)}" if others else "")
+
+
 def _int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: a whole number of at least ``minimum``."""
     def parse(text: str) -> int:
@@ -157,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "backend; auto: the model's own backend (its card), else fsl when bet "
                             "and flirt are on PATH, else ants")
     model.add_argument("--model", default="default", metavar="PATH|NAME",
-                       help="a shipped model name, or a model file/directory written by the "
-                            "train level")
+                       help=f"a shipped model ({_shipped_models()}), or a model file or "
+                            "models/ folder written by the train level")
     model.add_argument("--mc-samples", type=_positive_int, default=20,
                        help="Monte-Carlo dropout samples for the uncertainty")
     model.add_argument("--no-saliency", dest="saliency", action="store_false",

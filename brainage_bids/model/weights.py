@@ -234,6 +234,11 @@ def _find_in_directory(directory: Path) -> Path:
     return cards[0]
 
 
+_MODEL_SPECS = ("--model takes a shipped name ('default', or a name 'brainage-bids --help' "
+                "and docs/usage.md list), a .safetensors file with its .json card beside it, "
+                "or a train level's OUTPUT_DIR/models folder")
+
+
 def resolve_model(spec: str | Path, *,
                   registry_file: str | Path | None = None) -> tuple[Path, Path, str | None]:
     """``spec`` -> (card path, weights path, sha256 vouched for by the registry or None)."""
@@ -244,14 +249,14 @@ def resolve_model(spec: str | Path, *,
     elif path.suffix == WEIGHTS_SUFFIX:
         card_path = path.with_suffix(CARD_SUFFIX)
         if not path.is_file():
-            raise ModelError(f"model weights {path} not found")
+            raise ModelError(f"model weights {path} not found; {_MODEL_SPECS}")
     elif path.suffix == CARD_SUFFIX:
         card_path = path
     elif path.exists():
         raise ModelError(f"cannot use {spec!s} as a model: give a registry name, a "
                          f"*{WEIGHTS_SUFFIX} file, its *{CARD_SUFFIX} card or a directory")
     elif len(path.parts) > 1:
-        raise ModelError(f"model {spec!s} not found")
+        raise ModelError(f"model {spec!s} not found; {_MODEL_SPECS}")
     else:
         card_path, registry_sha = _resolve_registry(str(spec), registry_file)
     if not card_path.is_file():
