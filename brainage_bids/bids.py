@@ -341,8 +341,12 @@ def collect_t1w(layout, *, participant_label: tuple[str, ...] = (),
     subjects = set(layout.get_subjects()) | {str(e["subject"]) for _, e in unindexed}
     unknown = sorted(set(participant_label) - subjects)
     if unknown:
+        known = sorted(subjects)
+        some = ", ".join(f"sub-{s}" for s in known[:5]) + (
+            f" ... ({len(known)} in all)" if len(known) > 5 else "")
         raise BIDSError("participant label(s) not found in the dataset: "
-                        + ", ".join(f"sub-{s}" for s in unknown))
+                        + ", ".join(f"sub-{s}" for s in unknown)
+                        + f" (it has {some or 'none'})")
     if participant_label:
         query["subject"] = list(participant_label)
     if session_label:

@@ -128,7 +128,10 @@ def test_unknown_participant_is_one_line_runtime_error(sample_bids, tmp_path, ca
     code = main([str(sample_bids), str(tmp_path / "out"), "participant",
                  "--participant-label", "NOPE", "-w", str(tmp_path / "work")])
     assert code == 1
-    assert "sub-NOPE" in _one_error_line(capsys)
+    line = _one_error_line(capsys)
+    assert "sub-NOPE" in line and "(it has sub-IXI012, sub-IXI013" in line
+    (log,) = (tmp_path / "out" / "logs").glob("brainage-*.log")
+    assert line in log.read_text()  # the log that users report with has the error too
 
 
 def test_an_os_error_is_one_line_that_does_not_guess_read_or_write():

@@ -98,7 +98,9 @@ def _main(argv: list[str] | None) -> int:
     except Exception as err:
         if settings.verbose >= 2:
             raise
-        print(f"brainage-bids: error: {one_line(err)}", file=sys.stderr)
+        line = f"brainage-bids: error: {one_line(err)}"
+        print(line, file=sys.stderr)
+        _log_file_only(line)  # the log a user is asked to report with has it too
         return EXIT_FAILURE
 
 
