@@ -128,3 +128,12 @@ def with_threads(settings: Settings, n_images: int) -> Settings:
         return settings
     threads = max(1, min(8, settings.nprocs // max(1, n_images)))
     return dataclasses.replace(settings, omp_nthreads=threads)
+
+
+def parse_reference(spec: str) -> tuple[str, str]:
+    """``"group=control"`` -> ``("group", "control")``."""
+    column, sep, value = spec.partition("=")
+    if not sep or not column.strip() or not value.strip():
+        raise ValueError(f"--bias-reference {spec!r} is not of the form COLUMN=VALUE "
+                         "(e.g. group=control)")
+    return column.strip(), value.strip()

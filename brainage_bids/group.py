@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from brainage_bids import __version__
-from brainage_bids.config import BIAS_METHODS, Settings
+from brainage_bids.config import BIAS_METHODS, Settings, parse_reference
 from brainage_bids.derivatives import QC_FALSE, QC_TRUE, derivative_path
 from brainage_bids.io import atomic_path, atomic_write_json
 from brainage_bids.metrics import ADVISED_FIT, card_fit_warning
@@ -316,18 +316,12 @@ def records_table(records: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[str
     return table, qc_names
 
 
-def parse_reference(spec: str) -> tuple[str, str]:
-    """``"group=control"`` -> ``("group", "control")``."""
-    column, sep, value = spec.partition("=")
-    if not sep or not column.strip() or not value.strip():
-        raise GroupError(f"--bias-reference {spec!r} is not of the form COLUMN=VALUE "
-                         "(e.g. group=control)")
-    return column.strip(), value.strip()
-
-
 def reference_rows(table: pd.DataFrame, participants: pd.DataFrame, spec: str) -> np.ndarray:
     """Boolean selection of the images of the reference participants."""
-    column, value = parse_reference(spec)
+    try:
+        column, value = parse_reference(spec)
+    except ValueError as err:
+        raise GroupError(str(err)) from None
     if column not in participants.columns:
         known = ", ".join(c for c in participants.columns if c != "participant_id") or "none"
         raise GroupError(f"--bias-reference {spec}: participants.tsv has no column {column!r} "

@@ -183,6 +183,13 @@ def test_device_cuda_without_a_gpu_fails_before_any_work(sample_bids, tmp_path, 
     assert not work.exists()  # nothing was preprocessed
 
 
+def test_a_malformed_bias_reference_is_a_usage_error(sample_bids, tmp_path):
+    with pytest.raises(UsageError, match=r"--bias-reference 'sex' is not of the form "
+                                         r"COLUMN=VALUE"):
+        parse_settings([str(sample_bids), str(tmp_path / "out"), "group",
+                        "--bias-reference", "sex"])
+
+
 def test_console_script_and_module_entry_point(sample_bids):
     proc = subprocess.run([sys.executable, "-m", "brainage_bids", "--help"],
                           capture_output=True, text=True, check=True)

@@ -19,6 +19,7 @@ from brainage_bids.config import (
     PREPROC_BACKENDS,
     REGRESSION_LOSSES,
     Settings,
+    parse_reference,
 )
 
 #: The paper's training recipe, and the fine-tuning defaults used with --init-from
@@ -369,7 +370,13 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     else:
         work_dir = output_dir.parent / f"{output_dir.name}_work"
     if _inside(work_dir, bids_dir):
-        raise UsageError(f"work directory {work_dir} is inside the BIDS directory")
+        raise UsageError(f"work directory {work_dir} is inside the BIDS directory; choose a "
+                         "directory outside it (the input dataset is never written)")
+    if args.bias_reference:
+        try:
+            parse_reference(args.bias_reference)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     if work_dir.exists() and not work_dir.is_dir():
         raise UsageError(f"work directory {work_dir} exists and is not a directory")
     if work_dir == output_dir:
