@@ -154,6 +154,7 @@ def run_participant(settings: Settings) -> int:
 
     images = select_images(settings)
     settings = with_threads(settings, len(images))
+    write_settings(settings)  # again, with the threads decided for these images
     for image in images:  # a bad age is this image's problem alone: predict without it
         if image.age_problem:
             LOG.warning("%s: %s; predicting without a chronological age (n/a)", image.name,
@@ -246,6 +247,7 @@ def run_train(settings: Settings) -> int:
     resolve_device(settings.device)  # --device cuda without a GPU: before any preprocessing
     images = select_images(settings)
     settings = with_threads(settings, len(images))
+    write_settings(settings)  # again, with the threads decided for these images
     write_dataset_description(settings.output_dir, settings.bids_dir)
     card = train_from_bids(settings, images, execute=execute)
     if not card:  # an ensemble under torchrun, on a rank other than 0: rank 0 writes it
