@@ -101,7 +101,7 @@ def jitter_views(brain_native: str | os.PathLike[str], mask_native: str | os.Pat
     import nibabel as nib
 
     from brainage_bids.model.intensity import normalise_intensity
-    from brainage_bids.preproc.transforms import native_to_mni_ras
+    from brainage_bids.preproc.transforms import itk_grid_affine, native_to_mni_ras
     from brainage_bids.templates import template_path
 
     reference = template_path("brain")
@@ -117,8 +117,11 @@ def jitter_views(brain_native: str | os.PathLike[str], mask_native: str | os.Pat
                          f"{mask.shape} differ in shape")
     ref = nib.load(str(reference))
     offsets = jitter_offsets(settings["n"], settings["max_mm"], settings["seed"])
+    # the ANTs transform maps points of the frame ANTs gave the image: for a sheared header
+    # not the file's own affine (itk_grid_affine); FLIRT's matrix is read against the file
+    grid = itk_grid_affine(brain.affine) if backend == "ants" else brain.affine
     brains, masks = resample_views(np.asanyarray(brain.dataobj, dtype=np.float32).reshape(
                                        brain.shape[:3]),
                                    np.asanyarray(mask.dataobj).reshape(mask.shape[:3]) > 0,
-                                   brain.affine, to_mni, ref.affine, ref.shape[:3], offsets)
+                                   grid, to_mni, ref.affine, ref.shape[:3], offsets)
     return [normalise_intensity(b, m) for b, m in zip(brains, masks, strict=True)]

@@ -187,13 +187,13 @@ def to_ants(data: np.ndarray, affine: np.ndarray) -> Any:
     ITK cannot store a shear; the nearest rotation is used then (a warning says so), exactly
     as nibabel does for the qform.
     """
-    lps = _RAS_TO_LPS @ np.asarray(affine, dtype=float)
+    from brainage_bids.preproc.transforms import has_shear, itk_grid_affine
+
+    if has_shear(affine):
+        LOGGER.warning("the image affine has a shear; ANTs uses the nearest rotation")
+    lps = _RAS_TO_LPS @ itk_grid_affine(affine)
     zooms = np.linalg.norm(lps[:3, :3], axis=0)
     direction = lps[:3, :3] / zooms
-    u, _, vt = np.linalg.svd(direction)
-    if not np.allclose(direction, u @ vt, atol=1e-4):
-        LOGGER.warning("the image affine has a shear; ANTs uses the nearest rotation")
-        direction = u @ vt
     return _ants().from_numpy(np.ascontiguousarray(data, dtype=np.float32),
                               origin=tuple(float(x) for x in lps[:3, 3]),
                               spacing=tuple(float(z) for z in zooms), direction=direction)

@@ -17,6 +17,32 @@ import numpy as np
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
+def has_shear(affine: np.ndarray, atol: float = 1e-4) -> bool:
+    """Whether a voxel-to-world affine's columns are not orthogonal (a rotation cannot hold it)."""
+    linear = np.asarray(affine, dtype=float)[:3, :3]
+    direction = linear / np.linalg.norm(linear, axis=0)
+    u, _, vt = np.linalg.svd(direction)
+    return not np.allclose(direction, u @ vt, atol=atol)
+
+
+def itk_grid_affine(affine: np.ndarray) -> np.ndarray:
+    """The RAS voxel-to-world affine that ITK, and so ANTs, gives an image with ``affine``.
+
+    ITK stores spacing, origin and a direction that must be a rotation, so it cannot hold a
+    shear: its direction is then the nearest rotation (as nibabel does for the qform). Without
+    a shear this is ``affine`` itself. Points mapped by an ANTs transform of the image live in
+    this frame, so anything that composes with that transform must use it too.
+    """
+    affine = np.asarray(affine, dtype=float)
+    if not has_shear(affine):
+        return affine
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    u, _, vt = np.linalg.svd(affine[:3, :3] / zooms)
+    out = affine.copy()
+    out[:3, :3] = (u @ vt) * zooms
+    return out
+
+
 def read_itk_affine(path: str | os.PathLike[str]) -> np.ndarray:
     """4x4 of an ITK affine ``.mat`` (MATLAB v4, as antsRegistration writes it), in LPS:
     fixed-space point -> moving-space point."""
