@@ -145,23 +145,25 @@ def check_header(img: nib.spatialimages.SpatialImage, name: str) -> tuple[int, i
     if dtype.kind not in "uif" or dtype.fields is not None:
         raise ImageError(f"{name}: unsupported data type {dtype} (expected integers or "
                          "floating point: not complex, RGB or a structured type)")
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    if not all(np.isfinite(z) and MIN_VOXEL_MM <= z <= MAX_VOXEL_MM for z in zooms):
-        sizes = " x ".join(f"{z:g}" for z in zooms)
-        raise ImageError(f"{name}: implausible voxel size {sizes} mm (expected "
-                         f"{MIN_VOXEL_MM:g} to {MAX_VOXEL_MM:g} mm per axis)")
-    fov = [s * z for s, z in zip(shape, zooms, strict=True)]
-    if not all(MIN_FOV_MM <= f <= MAX_FOV_MM for f in fov):
-        sizes = " x ".join(f"{f:.0f}" for f in fov)
-        raise ImageError(f"{name}: field of view {sizes} mm ({_shape(shape)} voxels of "
-                         f"{' x '.join(f'{z:g}' for z in zooms)} mm) does not fit a human head "
-                         f"(expected {MIN_FOV_MM:.0f} to {MAX_FOV_MM:.0f} mm per axis): "
-                         "wrong voxel sizes in the header?")
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.isfinite(affine).all():
         raise ImageError(f"{name}: the affine (sform/qform) contains NaN or infinite values")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
         raise ImageError(f"{name}: the affine (sform/qform) is singular (not invertible)")
+    # the voxel sizes of the affine that every step uses, not pixdim: the two can disagree
+    zooms = tuple(float(z) for z in nib.affines.voxel_sizes(affine))
+    if not all(np.isfinite(z) and MIN_VOXEL_MM <= z <= MAX_VOXEL_MM for z in zooms):
+        sizes = " x ".join(f"{z:.3g}" for z in zooms)
+        raise ImageError(f"{name}: implausible voxel size {sizes} mm in its affine "
+                         f"(sform/qform; expected {MIN_VOXEL_MM:g} to {MAX_VOXEL_MM:g} mm per "
+                         "axis)")
+    fov = [s * z for s, z in zip(shape, zooms, strict=True)]
+    if not all(MIN_FOV_MM <= f <= MAX_FOV_MM for f in fov):
+        sizes = " x ".join(f"{f:.0f}" for f in fov)
+        raise ImageError(f"{name}: field of view {sizes} mm ({_shape(shape)} voxels of "
+                         f"{' x '.join(f'{z:.3g}' for z in zooms)} mm) does not fit a human head "
+                         f"(expected {MIN_FOV_MM:.0f} to {MAX_FOV_MM:.0f} mm per axis): "
+                         "wrong voxel sizes in the header?")
     return shape  # type: ignore[return-value]
 
 

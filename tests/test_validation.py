@@ -106,6 +106,26 @@ def test_each_damage_has_its_reason(damaged, case):
     assert "\n" not in message
 
 
+def test_voxel_sizes_come_from_the_affine_every_step_uses(tmp_path):
+    """pixdim (the qform's) and the sform can disagree; the sform is what is processed."""
+    head = nib.load(HEAD)
+    data = np.asarray(head.dataobj)
+    wrong_sform = nib.Nifti1Image(data, None, header=head.header.copy())
+    scaled = head.affine.copy()
+    scaled[:3, :3] *= 10  # 20 mm voxels in the sform, pixdim still 2 mm
+    wrong_sform.set_sform(scaled, code=1)
+    wrong_sform.set_qform(head.affine, code=1)
+    nib.save(wrong_sform, tmp_path / "sform.nii.gz")
+    with pytest.raises(ImageError, match=r"sform\.nii\.gz: implausible voxel size 20 x 20 x 20 "
+                                         r"mm in its affine"):
+        load_valid_t1w(tmp_path / "sform.nii.gz")
+    wrong_pixdim = nib.Nifti1Image(data, head.affine)
+    wrong_pixdim.header.set_zooms((0.2, 0.2, 0.2))  # the affine, which is used, is right
+    wrong_pixdim.set_sform(head.affine, code=1)
+    nib.save(wrong_pixdim, tmp_path / "pixdim.nii.gz")
+    assert load_valid_t1w(tmp_path / "pixdim.nii.gz").shape == load_valid_t1w(HEAD).shape
+
+
 def test_a_4d_file_with_one_volume_is_a_3d_image(tmp_path):
     head = nib.load(HEAD)
     path = tmp_path / "one.nii.gz"
