@@ -100,6 +100,32 @@ def test_detector_on_colin27() -> None:
     assert ants_backend.looks_skull_stripped(shared("colin27", "ch2bet.nii.gz"))
 
 
+def test_a_stripped_brain_with_negative_values_stays_a_stripped_brain(tmp_path: Path) -> None:
+    """A brain z-scored inside its mask (values below its background of 0) is standardised
+    with an exactly-zero background, however it is stored, so it is still taken for a
+    stripped brain and not sent through the head path."""
+    from brainage_bids.preproc.intensity import standardise_intensity
+    from brainage_bids.validation import load_valid_t1w
+
+    img = nib.load(shared("colin27", "ch2bet.nii.gz"))
+    data = np.asarray(img.dataobj, dtype=np.float64)
+    brain = data > 0
+    zscored = np.zeros_like(data)
+    zscored[brain] = (data[brain] - data[brain].mean()) / data[brain].std()
+    outputs = []
+    for name, values in (("z", zscored), ("z-scaled", 3.0 * zscored + 5.0)):
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(values.astype(np.float32), img.affine), path)
+        standardised = load_valid_t1w(path)
+        assert ants_backend.looks_skull_stripped(standardised), name
+        outputs.append(standardised.get_fdata())
+    assert np.abs(outputs[0] - outputs[1]).max() < 1e-2  # on a scale of 0-1000
+    head = np.asarray(nib.load(SAMPLE_HEAD).dataobj)  # a head's zero background: as before
+    shifted = np.clip(head - np.percentile(head, 0.1), 0, None)
+    expected = shifted * 1000.0 / np.percentile(shifted[shifted > 0], 99.5)
+    assert np.allclose(standardise_intensity(head), expected, atol=1e-3)
+
+
 def test_ras_conversion_of_an_ants_affine() -> None:
     """ANTs' fixed->moving LPS matrix becomes the moving->fixed RAS matrix."""
     ras_shift = nib.affines.from_matvec(np.eye(3), [5.0, -3.0, 2.0])  # native -> MNI in RAS
