@@ -12,7 +12,9 @@ is mapped once, before anything else looks at its values, to a fixed scale:
 where ``p_low`` is a low percentile of all voxels (the background of a head, or the zeros
 around a skull-stripped brain) and ``p_high`` a high percentile of what is above it. Both
 are equivariant under ``x -> a * x + b`` (``a > 0``), so the result is the same for every such
-storage of the same values, up to float rounding, and background stays exactly zero.
+storage of the same values, up to float rounding, and background stays exactly zero. A
+background value above ``p_low`` (a brain z-scored inside its mask, background 0) is set to
+exactly zero as well.
 """
 
 from __future__ import annotations
