@@ -209,7 +209,9 @@ def load_valid_t1w(path: str | Path) -> nib.Nifti1Image:
     except Exception as err:
         raise ImageError(f"{name}: cannot be read (truncated or corrupt?): "
                          f"{_first_line(err)}") from None
-    data = data.reshape(shape).astype(np.float32, copy=False)
+    # float64 until standardised: float32 would turn huge finite values into infinities and
+    # round away an offset of 1e8 (the standardised image is float32)
+    data = data.reshape(shape).astype(np.float64, copy=False)
     finite = np.isfinite(data)
     if not finite.all():
         raise ImageError(f"{name}: contains {int((~finite).sum()):,} NaN or infinite values")
