@@ -233,7 +233,8 @@ class AgeTable:
             return None, self.session_files[subject]
         if session is not None and (subject, session) in self.problems:
             return None, self.problems[(subject, session)]
-        if session is not None and self.ages.get((subject, session)) is not None:
+        if session is not None and (subject, session) in self.ages:
+            # its own row, n/a included: participants.tsv's age may be another session's
             return self.ages[(subject, session)], None
         return self.ages.get((subject, None)), self.problems.get((subject, None))
 

@@ -133,6 +133,16 @@ def test_bad_session_age_belongs_to_its_session(tiny_bids):
     assert images[1].age_problem == f"{sessions} line 3: age '4O.1' is not a number"
 
 
+def test_a_session_age_of_na_is_unknown_not_the_participants(tiny_bids):
+    """participants.tsv's age may be the first session's: a follow-up that sessions.tsv marks
+    n/a must not silently get it."""
+    sessions = tiny_bids / "sub-IXI012" / "sub-IXI012_sessions.tsv"
+    sessions.write_text("session_id\tage\nses-A\tn/a\n")  # ses-B has no row
+    images = collect_t1w(load_layout(tiny_bids), participant_label=("IXI012",))
+    assert [(i.session, i.age, i.age_problem) for i in images] == [
+        ("A", None, None), ("B", pytest.approx(38.78), None)]
+
+
 def test_an_unreadable_sessions_tsv_belongs_to_its_participant(tiny_bids):
     sessions = tiny_bids / "sub-IXI012" / "sub-IXI012_sessions.tsv"
     sessions.write_text("session_id\tage\nses-A\t38.78\nses-A\t40\n")
