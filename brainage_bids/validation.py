@@ -209,9 +209,15 @@ def load_valid_t1w(path: str | Path) -> nib.Nifti1Image:
     except Exception as err:
         raise ImageError(f"{name}: cannot be read (truncated or corrupt?): "
                          f"{_first_line(err)}") from None
-    # float64 until standardised: float32 would turn huge finite values into infinities and
-    # round away an offset of 1e8 (the standardised image is float32)
-    data = data.reshape(shape).astype(np.float64, copy=False)
+    data = data.reshape(shape)
+    if data.dtype.kind == "f" and data.dtype.itemsize > 4 and np.isfinite(data).all():
+        largest = float(np.abs(data).max())
+        if largest > float(np.finfo(np.float32).max):
+            raise ImageError(f"{name}: values up to {largest:.3g}, beyond what float32 holds "
+                             "(3.4e38): rescale the image (its scale does not matter here)")
+    # float32, as the shipped models' evaluations read their inputs: float64 would round
+    # differently in the last bit, and the registration turns that into ~0.5 years
+    data = data.astype(np.float32, copy=False)
     finite = np.isfinite(data)
     if not finite.all():
         raise ImageError(f"{name}: contains {int((~finite).sum()):,} NaN or infinite values")
