@@ -85,14 +85,17 @@ def ensure_preprocessed(settings: Settings, images: list[T1wImage],
     """
     from brainage_bids.validation import screen_images
     from brainage_bids.workflows.participant import init_participant_wf
-    from brainage_bids.workflows.preproc import resolve_backend
+    from brainage_bids.workflows.preproc import backend_mismatch, resolve_backend
 
     todo = [im for im in images
             if not all(p.is_file() for p in preprocessed_paths(settings.output_dir, im))]
     missing, rejected = screen_images(todo)  # a FIFO or a dangling link fails alone
     failures: dict[str, str] = {image.name: reason for image, reason in rejected}
     if missing and _is_main_rank():
-        backend = resolve_backend(settings.preproc, _parent_backend(settings))
+        backend = resolve_backend(settings.preproc)
+        if warning := backend_mismatch(backend, _parent_backend(settings),
+                                       f"the parent model {settings.init_from}"):
+            LOG.warning("%s", warning)
         LOG.info("preprocessing %d image(s) with the %s backend (%d already done)",
                  len(missing), backend, len(images) - len(todo))
         workflow = init_participant_wf(

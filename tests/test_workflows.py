@@ -61,24 +61,23 @@ def test_backend_resolution(monkeypatch):
     with pytest.raises(BackendError, match="bet and flirt"):
         resolve_backend("fsl")
     assert resolve_backend("ants") == "ants"
-    assert resolve_backend("auto", "fsl") == "ants"  # the model's backend is not installed
 
 
-def test_auto_follows_the_models_backend(monkeypatch, tmp_path):
-    """In the container FSL is installed, but the shipped models were trained on ANTs inputs."""
+def test_a_backend_unlike_the_models_is_said(monkeypatch, tmp_path):
+    """In the container FSL is the default, but the shipped models were trained on ANTs
+    inputs: the run says so."""
     from brainage_bids.workflows.preproc import backend_mismatch
 
     for tool in ("bet", "flirt"):
         (tmp_path / tool).write_text("#!/bin/sh\n")
         (tmp_path / tool).chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert resolve_backend("auto") == "fsl"
-    assert resolve_backend("auto", "ants") == "ants"
-    assert resolve_backend("auto", "fsl") == "fsl"
-    assert resolve_backend("fsl", "ants") == "fsl"  # asked for: done, with a warning
-    assert "trained on ants-preprocessed images" in backend_mismatch("fsl", "ants", "m")
+    assert resolve_backend("auto") == "fsl"  # DESIGN.md: used when FSL is installed
+    warning = backend_mismatch("fsl", "ants", "ixi-2mm-v2")
+    assert "trained on ants-preprocessed images" in warning and "--preproc ants" in warning
     assert backend_mismatch("ants", "ants", "m") is None
-    assert backend_mismatch("fsl", None, "m") is None
+    for unclear in (None, "unknown", ["ants", "fsl"]):  # nothing to advise
+        assert backend_mismatch("fsl", unclear, "m") is None
 
 
 @pytest.mark.parametrize("backend", ["ants", "fsl"])

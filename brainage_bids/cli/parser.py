@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("preprocessing and model")
     model.add_argument("--preproc", choices=PREPROC_BACKENDS, default="auto",
                        help="fsl: FSL bet + flirt (as in the paper); ants: pure-pip ANTs "
-                            "backend; auto: the model's own backend (its card), else fsl when bet "
-                            "and flirt are on PATH, else ants")
+                            "backend; auto: fsl when bet and flirt are on PATH, else ants. The "
+                            "shipped models were trained on ants inputs")
     model.add_argument("--model", default="default", metavar="PATH|NAME",
                        help=f"a shipped model ({_shipped_models()}), or a model file or "
                             "models/ folder written by the train level")

@@ -160,8 +160,8 @@ def run_participant(settings: Settings) -> int:
             LOG.warning("%s: %s; predicting without a chronological age (n/a)", image.name,
                         image.age_problem)
     model, card = _resolve_model(settings.model, settings.device)
+    backend = resolve_backend(settings.preproc)
     model_backend = (card.get("preprocessing") or {}).get("backend")
-    backend = resolve_backend(settings.preproc, model_backend)
     if warning := backend_mismatch(backend, model_backend, str(card.get("name"))):
         LOG.warning("%s", warning)
     architecture = card.get("architecture", {})

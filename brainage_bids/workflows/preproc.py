@@ -9,6 +9,7 @@ Two backends give the same outputs (``outputnode``):
 from __future__ import annotations
 
 import shutil
+from typing import Any
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
@@ -37,13 +38,9 @@ def fsl_available() -> bool:
     return shutil.which("bet") is not None and shutil.which("flirt") is not None
 
 
-def resolve_backend(name: str, model_backend: str | None = None) -> str:
-    """``auto`` picks the backend the model's inputs were made with (``model_backend``, from
-    its card) when it is installed; without one, FSL (the paper's tools) when installed,
-    else the pure-pip ANTs one."""
+def resolve_backend(name: str) -> str:
+    """``auto`` picks FSL (the paper's tools) when installed, else the pure-pip ANTs one."""
     if name == "auto":
-        if model_backend == "ants" or (model_backend == "fsl" and fsl_available()):
-            return model_backend
         return "fsl" if fsl_available() else "ants"
     if name == "fsl" and not fsl_available():
         raise BackendError("--preproc fsl needs FSL's bet and flirt on PATH; install FSL, "
@@ -53,13 +50,15 @@ def resolve_backend(name: str, model_backend: str | None = None) -> str:
     return name
 
 
-def backend_mismatch(backend: str, model_backend: str | None, model: str) -> str | None:
-    """A warning when images are preprocessed otherwise than the model's training images."""
-    if model_backend is None or backend == model_backend:
+def backend_mismatch(backend: str, model_backend: Any, model: str) -> str | None:
+    """A warning when images are preprocessed otherwise than the model's training images
+    (``model_backend``: its card's ``preprocessing.backend``; nothing said unless it names
+    one backend)."""
+    if model_backend not in BACKENDS or backend == model_backend:
         return None
     return (f"preprocessing with the {backend} backend, but {model} was trained on "
             f"{model_backend}-preprocessed images: its accuracy and its invariance figures "
-            f"hold for {model_backend} inputs only (use --preproc {model_backend} or auto)")
+            f"hold for {model_backend} inputs only; pass --preproc {model_backend} to match")
 
 
 def init_t1w_preproc_wf(*, backend: str, omp_nthreads: int,
