@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from brainage_bids import __version__
+from brainage_bids.config import MAX_AGE, MIN_AGE
 from brainage_bids.io import atomic_write_json
 
 LOG = logging.getLogger(__name__)
@@ -30,8 +31,6 @@ ENTITY_KEYS = {"subject": "sub", "session": "ses", "task": "task", "acquisition"
 OUTPUT_ENTITIES = ("space", "res", "desc", "from", "to", "mode")
 AGE_COLUMNS = ("age", "Age", "AGE", "age_years")
 MISSING = {"", "n/a", "na", "nan", "none", "null"}
-#: Valid ages in years (anything else is a typo or a unit mix-up: months, days).
-MIN_AGE, MAX_AGE = 0.0, 120.0
 
 
 class BIDSError(Exception):
@@ -269,13 +268,6 @@ def read_ages(bids_dir: Path) -> dict[tuple[str, str | None], float | None]:
     if table.session_files:
         raise BIDSError(next(iter(table.session_files.values())))
     return table.ages
-
-
-def age_for(ages: dict[tuple[str, str | None], float | None], subject: str,
-            session: str | None) -> float | None:
-    if session is not None and ages.get((subject, session)) is not None:
-        return ages[(subject, session)]
-    return ages.get((subject, None))
 
 
 #: A T1w file name, for entries pybids does not index (a directory named like an image).

@@ -16,6 +16,10 @@ from typing import Any
 
 from brainage_bids.io import atomic_write_text
 
+#: Valid ages in years (anything else is a typo or a unit mix-up: months, days), for the
+#: ages read from a dataset and for training alike.
+MIN_AGE, MAX_AGE = 0.0, 120.0
+
 LEVELS = ("participant", "group", "train")
 PREPROC_BACKENDS = ("auto", "fsl", "ants")
 DEVICES = ("auto", "cpu", "cuda")

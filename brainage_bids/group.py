@@ -611,19 +611,34 @@ def group_errors(settings: Settings,
             for name, error in sorted(errors.items())]
 
 
-def group_methods_text(settings: Settings, sidecar: dict[str, Any]):
-    """The methods of the whole analysis (participant level, then this bias correction)."""
+def group_methods_text(settings: Settings, sidecar: dict[str, Any], table: pd.DataFrame):
+    """The methods of the whole analysis (participant level, then this bias correction);
+    Grad-CAM is described when an image of the ``table`` has its saliency map."""
     from brainage_bids.citation import group_methods
+    from brainage_bids.templates import TEMPLATE
 
     summary = sidecar["BrainAge"]
     primary = summary["BiasCorrection"].get(settings.bias_method) or {}
     backends = summary.get("PreprocessingBackends") or ["ants"]
-    saliency = any(Path(settings.output_dir).glob("sub-*/**/*_desc-gradcam_saliency.nii.gz"))
+    saliency = any(
+        derivative_path(settings.output_dir, _entities(row), suffix="saliency",
+                        extension=".nii.gz", space=TEMPLATE, res="2", desc="gradcam").is_file()
+        for row in table[["participant_id", "session_id", "run"]].itertuples(index=False))
     return group_methods(backend=backends[0], card=records_card(settings, summary["Models"]),
                          mc_samples=summary.get("UncertaintySamples") or 0,
                          bias_method=settings.bias_method,
                          bias_source=primary.get("Source"), saliency=saliency,
                          corrections=summary["BiasCorrection"], group=summary["N"])
+
+
+def _entities(row: Any) -> dict[str, Any]:
+    """A table row's BIDS entities (participant, session, run), as the records name them."""
+    entities: dict[str, Any] = {"subject": str(row.participant_id).removeprefix("sub-")}
+    if isinstance(row.session_id, str):
+        entities["session"] = row.session_id.removeprefix("ses-")
+    if not pd.isna(row.run):
+        entities["run"] = int(row.run)
+    return entities
 
 
 def records_card(settings: Settings, models: list[dict[str, Any]]) -> dict[str, Any]:
@@ -656,7 +671,7 @@ def run_group(settings: Settings) -> int:
     for name, metrics in summary["Metrics"].items():
         LOG.info("%-11s MAE %.2f years, r(gap, age) %s", name, metrics.get("MAE", math.nan),
                  metrics.get("r_gap_age"))
-    methods = group_methods_text(settings, sidecar)
+    methods = group_methods_text(settings, sidecar, table)
     LOG.info("methods boilerplate: %s", write_citation(settings.logs_dir, methods))
     if settings.reports:
         from brainage_bids.reports.render import write_group_report

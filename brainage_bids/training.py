@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from brainage_bids.bids import T1wImage
-from brainage_bids.config import Settings
+from brainage_bids.config import Settings, with_threads
 from brainage_bids.derivatives import derivative_path, native_outputs, transform_backend
 from brainage_bids.templates import TEMPLATE
 
@@ -92,6 +92,7 @@ def ensure_preprocessed(settings: Settings, images: list[T1wImage],
     missing, rejected = screen_images(todo)  # a FIFO or a dangling link fails alone
     failures: dict[str, str] = {image.name: reason for image, reason in rejected}
     if missing and _is_main_rank():
+        settings = with_threads(settings, len(missing))  # callers may not have decided them
         backend = resolve_backend(settings.preproc)
         if warning := backend_mismatch(backend, _parent_backend(settings),
                                        f"the parent model {settings.init_from}"):

@@ -352,12 +352,15 @@ def test_methods_text_names_the_records_model_with_a_reference(study, tmp_path):
     from brainage_bids.group import group_methods_text
 
     settings = replace(study, bias_reference="group=control")
-    _, sidecar = build_group(settings)
-    text = group_methods_text(settings, sidecar).markdown()
+    table, sidecar = build_group(settings)
+    text = group_methods_text(settings, sidecar, table).markdown()
     assert MODEL in text and SHA[:12] in text
     assert "Grad-CAM" not in text  # no saliency maps among these derivatives
-    unknown = group_methods_text(replace(settings, model="no-such-model"), sidecar).markdown()
+    unknown = group_methods_text(replace(settings, model="no-such-model"), sidecar,
+                                 table).markdown()
     assert MODEL in unknown and "unnamed" not in unknown
+    write_image_derivatives(study.output_dir, {"subject": "11", "session": "2"})
+    assert "Grad-CAM" in group_methods_text(settings, sidecar, table).markdown()
 
 
 @pytest.mark.parametrize(("reference", "message"), [

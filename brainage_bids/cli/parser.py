@@ -335,6 +335,11 @@ def _read_filters(path: Path | None) -> dict[str, Any]:
     from bids.layout.models import Config
 
     known = {e for name in ("bids", "derivatives") for e in Config.load(name).entities}
+    known |= {"regex_search", "scope", "invalid_filters", "absolute_paths"}  # get()'s options
+    taken = sorted(set(filters["t1w"]) & {"return_type", "target"})
+    if taken:
+        raise UsageError(f"--bids-filter-file {path}: {taken[0]!r} cannot be set there "
+                         "(brainage-bids asks pybids for file names itself)")
     unknown = sorted(set(filters["t1w"]) - known)
     if unknown:
         close = difflib.get_close_matches(unknown[0], sorted(known), n=1)

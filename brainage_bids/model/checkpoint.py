@@ -75,7 +75,8 @@ def items_digest(train: Sequence[TrainItem], val: Sequence[TrainItem]) -> str:
     return _digest([[fields(i) for i in train], [fields(i) for i in val]])
 
 
-_RUNTIME_ONLY = ("device", "num_threads", "prefetch", "patience", "model_name", "tune_malloc")
+#: Options that may differ on resume: they change how a run goes, not what it computes.
+RUNTIME_ONLY = ("device", "num_threads", "prefetch", "patience", "model_name", "tune_malloc")
 
 
 def config_digest(config: TrainConfig) -> str:
@@ -83,7 +84,7 @@ def config_digest(config: TrainConfig) -> str:
 
     ``epochs`` may grow on resume (train longer) unless the learning rate depends on it.
     """
-    skip = _RUNTIME_ONLY + (("epochs",) if config.lr_schedule == "constant" else ())
+    skip = RUNTIME_ONLY + (("epochs",) if config.lr_schedule == "constant" else ())
     return _digest({k: v for k, v in config.to_dict().items() if k not in skip})
 
 

@@ -126,7 +126,7 @@ def _member_card_matches(card: dict[str, Any], plan: MemberPlan, config: TrainCo
     results is a :class:`ValueError`: reusing it would mix members of two recipes in one
     ensemble, and training it again silently would throw away hours.
     """
-    from brainage_bids.model.checkpoint import _RUNTIME_ONLY
+    from brainage_bids.model.checkpoint import RUNTIME_ONLY
 
     data = card.get("training_data") or {}
     if (data.get("train_ids") != [i.id for i in plan.train]
@@ -137,7 +137,7 @@ def _member_card_matches(card: dict[str, Any], plan: MemberPlan, config: TrainCo
     saved = (card.get("training") or {}).get("config") or {}
     wanted = dataclasses.replace(config, seed=plan.seed).to_dict()
     changed = [f"{key} {saved.get(key)!r} -> {wanted[key]!r}" for key in wanted
-               if key not in (*_RUNTIME_ONLY, "epochs") and key in saved
+               if key not in (*RUNTIME_ONLY, "epochs") and key in saved
                and saved[key] != wanted[key]]
     if changed:
         raise ValueError(f"cannot resume: {card_path} (member {plan.index}) was trained with "

@@ -216,7 +216,7 @@ def check_split_sizes(train: Sequence[TrainItem], val: Sequence[TrainItem]) -> N
 
 def validate_items(train: Sequence[TrainItem], val: Sequence[TrainItem]) -> None:
     """Refuse too few items, bad ages, missing files, repeated ids and leaked groups."""
-    from brainage_bids.bids import MAX_AGE, MIN_AGE  # one rule for what an age may be
+    from brainage_bids.config import MAX_AGE, MIN_AGE  # one rule for every age
 
     check_split_sizes(train, val)
     for items in (train, val):
