@@ -212,8 +212,9 @@ class AgeTable:
         table = read_tsv(path, id_column=id_column)
         column = _age_column(table.columns)
         if column is None and subject is None:  # sessions.tsv often has no age: no warning
-            LOG.warning("%s has no age column (one of %s; its columns: %s): every image gets "
-                        "chronological age n/a", path, ", ".join(AGE_COLUMNS),
+            LOG.warning("%s has no age column (one of %s; its columns: %s): images without "
+                        "an age in their sessions.tsv get chronological age n/a", path,
+                        ", ".join(AGE_COLUMNS),
                         ", ".join(repr(c) for c in table.columns))
         for label, index in _labels(table, id_column, prefix).items():
             key = (label, None) if subject is None else (subject, label)

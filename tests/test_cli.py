@@ -123,7 +123,8 @@ def test_bids_filter_file_must_be_json(sample_bids, tmp_path):
     with pytest.raises(UsageError, match="'return_type' cannot be set there"):
         parse_settings([str(sample_bids), str(tmp_path / "out"), "participant",
                         "--bids-filter-file", str(bad)])
-    good.write_text('{"t1w": {"regex_search": true, "subject": "IXI01.*"}}')  # get()'s own
+    good.write_text('{"t1w": {"regex_search": true, "subject": "IXI01.*", '
+                    '"RepetitionTime": 2.3}}')  # get()'s own options, sidecar metadata
     parse_settings([str(sample_bids), str(tmp_path / "out"), "participant",
                     "--bids-filter-file", str(good)])
     good.write_text('{"t1w": {"desc": null, "run": 1}, "bold": {"task": "rest"}}')

@@ -39,8 +39,8 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
-        if (isinstance(default, bool) or default in (None, [], ()) or "default" in text
-                or default is argparse.SUPPRESS):
+        if (action.nargs == 0 or default in (None, [], ()) or "default" in text
+                or default is argparse.SUPPRESS):  # nargs 0: a flag (-v, --no-reports)
             return text
         return super()._get_help_string(action)
 
@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "model card's coefficients")
 
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging (-vv for debug)")
+                        help="-v: debug messages; -vv: also tracebacks and nipype's log on "
+                             "the terminal")
     return parser
 
 
@@ -340,7 +341,9 @@ def _read_filters(path: Path | None) -> dict[str, Any]:
     if taken:
         raise UsageError(f"--bids-filter-file {path}: {taken[0]!r} cannot be set there "
                          "(brainage-bids asks pybids for file names itself)")
-    unknown = sorted(set(filters["t1w"]) - known)
+    # BIDS sidecar metadata (RepetitionTime, ...) is CamelCase and may be filtered on too;
+    # a lowercase key that is no entity is a typo of one
+    unknown = sorted(k for k in set(filters["t1w"]) - known if not k[:1].isupper())
     if unknown:
         close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

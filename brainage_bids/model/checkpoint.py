@@ -127,7 +127,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     for key, what in (("config_digest", "training options"), ("items_digest", "images")):
         if payload.get(key) != digests[key]:
             raise ValueError(f"cannot resume from {path}: it was made with different {what}; "
-                             "start afresh (resume=False) or use another work directory")
+                             "rerun with its options, or start afresh (drop --resume) or use "
+                             "another work directory")
     try:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
