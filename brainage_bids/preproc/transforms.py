@@ -17,12 +17,20 @@ import numpy as np
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
+def _nearest_rotation(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An affine's voxel sizes, its direction (columns of length 1) and the rotation nearest
+    that direction (as nibabel finds it for the qform)."""
+    linear = np.asarray(affine, dtype=float)[:3, :3]
+    zooms = np.linalg.norm(linear, axis=0)
+    direction = linear / zooms
+    u, _, vt = np.linalg.svd(direction)
+    return zooms, direction, u @ vt
+
+
 def has_shear(affine: np.ndarray, atol: float = 1e-4) -> bool:
     """Whether a voxel-to-world affine's columns are not orthogonal (a rotation cannot hold it)."""
-    linear = np.asarray(affine, dtype=float)[:3, :3]
-    direction = linear / np.linalg.norm(linear, axis=0)
-    u, _, vt = np.linalg.svd(direction)
-    return not np.allclose(direction, u @ vt, atol=atol)
+    _, direction, rotation = _nearest_rotation(affine)
+    return not np.allclose(direction, rotation, atol=atol)
 
 
 def itk_grid_affine(affine: np.ndarray) -> np.ndarray:
@@ -30,16 +38,16 @@ def itk_grid_affine(affine: np.ndarray) -> np.ndarray:
 
     ITK stores spacing, origin and a direction that must be a rotation, so it cannot hold a
     shear: its direction is then the nearest rotation (as nibabel does for the qform). Without
-    a shear this is ``affine`` itself. Points mapped by an ANTs transform of the image live in
-    this frame, so anything that composes with that transform must use it too.
+    a shear (:func:`has_shear`) this is ``affine`` itself. Points mapped by an ANTs transform
+    of the image live in this frame, so anything that composes with that transform must use
+    it too.
     """
     affine = np.asarray(affine, dtype=float)
     if not has_shear(affine):
         return affine
-    zooms = np.linalg.norm(affine[:3, :3], axis=0)
-    u, _, vt = np.linalg.svd(affine[:3, :3] / zooms)
+    zooms, _, rotation = _nearest_rotation(affine)
     out = affine.copy()
-    out[:3, :3] = (u @ vt) * zooms
+    out[:3, :3] = rotation * zooms
     return out
 
 
