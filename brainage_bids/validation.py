@@ -209,17 +209,18 @@ def load_valid_t1w(path: str | Path) -> nib.Nifti1Image:
     except Exception as err:
         raise ImageError(f"{name}: cannot be read (truncated or corrupt?): "
                          f"{_first_line(err)}") from None
-    data = data.reshape(shape)
-    if data.dtype.kind == "f" and data.dtype.itemsize > 4 and np.isfinite(data).all():
-        largest = float(np.abs(data).max())
-        if largest > float(np.finfo(np.float32).max):
-            raise ImageError(f"{name}: values up to {largest:.3g}, beyond what float32 holds "
-                             "(3.4e38): rescale the image (its scale does not matter here)")
+    stored = data.reshape(shape)
     # float32, as the shipped models' evaluations read their inputs: float64 would round
     # differently in the last bit, and the registration turns that into ~0.5 years
-    data = data.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range is named below
+        data = stored.astype(np.float32, copy=False)
     finite = np.isfinite(data)
     if not finite.all():
+        lost = stored[~finite]  # only here, on the way to an error: no second pass otherwise
+        if lost.dtype != data.dtype and np.isfinite(lost).all():
+            raise ImageError(f"{name}: values up to {float(np.abs(lost).max()):.3g}, beyond "
+                             "what float32 holds (3.4e38): rescale the image (its scale does "
+                             "not matter here)")
         raise ImageError(f"{name}: contains {int((~finite).sum()):,} NaN or infinite values")
     if float(data.max()) == float(data.min()):
         kind = "all zero" if float(data.max()) == 0 else "constant"
