@@ -141,22 +141,26 @@ def load_card(spec: str) -> dict[str, Any]:
         raise GroupError(f"cannot load the model card of --model {spec}: {message}") from None
 
 
-def find_records(settings: Settings) -> tuple[list[Path], list[str]]:
-    """Brain-age records of the selected T1w images that the participant level wrote, and
-    the names of the selected images that have none."""
+def record_path(output_dir: Path, image: Any) -> Path:
+    """Where the participant level writes an image's brain-age record."""
+    return derivative_path(output_dir, image.entities, suffix="brainage", extension=".json")
+
+
+def find_records(settings: Settings) -> tuple[list[Any], list[str]]:
+    """The selected T1w images that have a brain-age record (:func:`record_path`), and the
+    names of the selected images that have none."""
     from brainage_bids.bids import collect_t1w, load_layout
 
     layout = load_layout(settings.bids_dir, validate=not settings.skip_bids_validation,
                          index_metadata=bool(settings.bids_filters))
     images = collect_t1w(layout, participant_label=settings.participant_label,
                          session_label=settings.session_label, filters=settings.bids_filters)
-    paths = [derivative_path(settings.output_dir, image.entities, suffix="brainage",
-                             extension=".json") for image in images]
-    found = [p for p in paths if p.is_file()]
-    missing = [image.name for image, p in zip(images, paths, strict=True) if not p.is_file()]
+    has_record = [record_path(settings.output_dir, image).is_file() for image in images]
+    found = [image for image, has in zip(images, has_record, strict=True) if has]
+    missing = [image.name for image, has in zip(images, has_record, strict=True) if not has]
     if missing:
         LOG.info("%d of %d selected T1w image(s) have no brain-age record (not processed, "
-                 "or failed)", len(missing), len(paths))
+                 "or failed)", len(missing), len(images))
     return found, missing
 
 
@@ -521,10 +525,18 @@ def write_table(table: pd.DataFrame, target: Path) -> Path:
 # --- the level ------------------------------------------------------------------------------
 
 
-def build_group(settings: Settings) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The group table and its sidecar (nothing written): the testable core of the level."""
-    paths, without_record = find_records(settings)
-    records = read_records(paths, skip_unreadable=settings.skip_unreadable)
+def build_group(settings: Settings, *, card: dict[str, Any] | None = None,
+                ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The group table and its sidecar (nothing written): the testable core of the level.
+
+    ``card`` is ``--model``'s card when the caller has loaded it already (else it is loaded
+    here, unless ``--bias-reference`` makes it unnecessary).
+    """
+    from brainage_bids.templates import TEMPLATE
+
+    images, without_record = find_records(settings)
+    records = read_records([record_path(settings.output_dir, image) for image in images],
+                           skip_unreadable=settings.skip_unreadable)
     if not records:
         who = (" for " + ", ".join(f"sub-{s}" for s in settings.participant_label)
                if settings.participant_label else "")
@@ -538,14 +550,15 @@ def build_group(settings: Settings) -> tuple[pd.DataFrame, dict[str, Any]]:
     if len(models) > 1:
         LOG.warning("the records come from %d different models: %s", len(models),
                     ", ".join(n for n, _ in models))
-    reference = card = None
+    reference = None
     if settings.bias_reference:
+        card = None
         if participants.columns.tolist() == ["participant_id"]:
             raise GroupError(f"--bias-reference {settings.bias_reference} needs a "
                              f"participants.tsv in {settings.bids_dir}")
         reference = reference_rows(table, participants, settings.bias_reference)
     else:
-        card = load_card(settings.model)
+        card = card if card is not None else load_card(settings.model)
         card_sha = card.get("sha256")
         mismatched = sorted(n for n, s in models if card_sha and s not in (card_sha, "None"))
         if mismatched:
@@ -592,6 +605,10 @@ def build_group(settings: Settings) -> tuple[pd.DataFrame, dict[str, Any]]:
                                          for r in records}),
         "UncertaintySamples": max((int((r.get("uncertainty") or {}).get("samples") or 0)
                                    for r in records), default=0),
+        "SaliencyMaps": any(
+            derivative_path(settings.output_dir, image.entities, suffix="saliency",
+                            extension=".nii.gz", space=TEMPLATE, res="2",
+                            desc="gradcam").is_file() for image in images),
         "GeneratedBy": {"Name": "brainage-bids", "Version": __version__},
     }
     return table, sidecar
@@ -611,41 +628,33 @@ def group_errors(settings: Settings,
             for name, error in sorted(errors.items())]
 
 
-def group_methods_text(settings: Settings, sidecar: dict[str, Any], table: pd.DataFrame):
+def group_methods_text(settings: Settings, sidecar: dict[str, Any],
+                       card: dict[str, Any] | None = None):
     """The methods of the whole analysis (participant level, then this bias correction);
-    Grad-CAM is described when an image of the ``table`` has its saliency map."""
+    ``card`` is ``--model``'s card when the caller has loaded it."""
     from brainage_bids.citation import group_methods
-    from brainage_bids.templates import TEMPLATE
 
     summary = sidecar["BrainAge"]
     primary = summary["BiasCorrection"].get(settings.bias_method) or {}
     backends = summary.get("PreprocessingBackends") or ["ants"]
-    saliency = any(
-        derivative_path(settings.output_dir, _entities(row), suffix="saliency",
-                        extension=".nii.gz", space=TEMPLATE, res="2", desc="gradcam").is_file()
-        for row in table[["participant_id", "session_id", "run"]].itertuples(index=False))
-    return group_methods(backend=backends[0], card=records_card(settings, summary["Models"]),
+    return group_methods(backend=backends[0],
+                         card=records_card(settings, summary["Models"], card),
                          mc_samples=summary.get("UncertaintySamples") or 0,
                          bias_method=settings.bias_method,
-                         bias_source=primary.get("Source"), saliency=saliency,
+                         bias_source=primary.get("Source"),
+                         saliency=bool(summary.get("SaliencyMaps")),
                          corrections=summary["BiasCorrection"], group=summary["N"])
 
 
-def _entities(row: Any) -> dict[str, Any]:
-    """A table row's BIDS entities (participant, session, run), as the records name them."""
-    entities: dict[str, Any] = {"subject": str(row.participant_id).removeprefix("sub-")}
-    if isinstance(row.session_id, str):
-        entities["session"] = row.session_id.removeprefix("ses-")
-    if not pd.isna(row.run):
-        entities["run"] = int(row.run)
-    return entities
-
-
-def records_card(settings: Settings, models: list[dict[str, Any]]) -> dict[str, Any]:
-    """The card of the model that made the records, for the methods text: ``--model``'s, or
-    (with ``--bias-reference``, where ``--model`` may be left at its default) the shipped
-    model the records name; else what the records say of it (name and checksum)."""
+def records_card(settings: Settings, models: list[dict[str, Any]],
+                 card: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The card of the model that made the records, for the methods text: ``card`` or
+    ``--model``'s, or (with ``--bias-reference``, where ``--model`` may be left at its
+    default) the shipped model the records name; else what the records say of it (name and
+    checksum)."""
     shas = {m.get("SHA256") for m in models}
+    if card is not None and card.get("sha256") in shas:
+        return card
     for spec in dict.fromkeys([settings.model, *(str(m.get("Name")) for m in models)]):
         try:
             card = load_card(spec)
@@ -661,7 +670,8 @@ def run_group(settings: Settings) -> int:
     """The ``group`` analysis level: table, sidecar and HTML report under OUTPUT_DIR."""
     from brainage_bids.citation import write_citation
 
-    table, sidecar = build_group(settings)
+    card = None if settings.bias_reference else load_card(settings.model)  # loaded once
+    table, sidecar = build_group(settings, card=card)
     out = Path(settings.output_dir)
     tsv = write_table(table, out / f"{TABLE_NAME}.tsv")
     atomic_write_json(out / f"{TABLE_NAME}.json", sidecar)
@@ -671,7 +681,7 @@ def run_group(settings: Settings) -> int:
     for name, metrics in summary["Metrics"].items():
         LOG.info("%-11s MAE %.2f years, r(gap, age) %s", name, metrics.get("MAE", math.nan),
                  metrics.get("r_gap_age"))
-    methods = group_methods_text(settings, sidecar, table)
+    methods = group_methods_text(settings, sidecar, card)
     LOG.info("methods boilerplate: %s", write_citation(settings.logs_dir, methods))
     if settings.reports:
         from brainage_bids.reports.render import write_group_report

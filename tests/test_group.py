@@ -352,15 +352,23 @@ def test_methods_text_names_the_records_model_with_a_reference(study, tmp_path):
     from brainage_bids.group import group_methods_text
 
     settings = replace(study, bias_reference="group=control")
-    table, sidecar = build_group(settings)
-    text = group_methods_text(settings, sidecar, table).markdown()
+    _, sidecar = build_group(settings)
+    text = group_methods_text(settings, sidecar).markdown()
     assert MODEL in text and SHA[:12] in text
     assert "Grad-CAM" not in text  # no saliency maps among these derivatives
-    unknown = group_methods_text(replace(settings, model="no-such-model"), sidecar,
-                                 table).markdown()
+    unknown = group_methods_text(replace(settings, model="no-such-model"),
+                                 sidecar).markdown()
     assert MODEL in unknown and "unnamed" not in unknown
-    write_image_derivatives(study.output_dir, {"subject": "11", "session": "2"})
-    assert "Grad-CAM" in group_methods_text(settings, sidecar, table).markdown()
+    # saliency maps found by each image's own derivative names, acquisition included
+    anat = study.bids_dir / "sub-04" / "anat"
+    (anat / "sub-04_T1w.nii.gz").rename(anat / "sub-04_acq-mprage_T1w.nii.gz")
+    (study.output_dir / "sub-04" / "anat" / "sub-04_brainage.json").unlink()
+    entities = {"subject": "04", "acquisition": "mprage"}
+    write_record(study.output_dir, entities, age=45.9, predicted=47.0)
+    write_image_derivatives(study.output_dir, entities)
+    _, sidecar = build_group(settings)
+    assert sidecar["BrainAge"]["SaliencyMaps"] is True
+    assert "Grad-CAM" in group_methods_text(settings, sidecar).markdown()
 
 
 @pytest.mark.parametrize(("reference", "message"), [
