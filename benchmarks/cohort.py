@@ -109,7 +109,7 @@ def group_once(bids: Path, out: Path) -> dict:
 
     from brainage_bids.bids import collect_t1w, load_layout
     from brainage_bids.cli.parser import parse_settings
-    from brainage_bids.group import run_group
+    from brainage_bids.group.level import run_group
 
     settings = parse_settings([str(bids), str(out), "group"])
     times = {}

@@ -19,15 +19,9 @@ import numpy as np
 import pytest
 
 from brainage_bids.config import Settings
-from brainage_bids.derivatives import derivative_path
-from brainage_bids.group import (
-    QC_FALSE,
-    QC_TRUE,
-    GroupError,
-    build_group,
-    load_card,
-    run_group,
-)
+from brainage_bids.derivatives import QC_FALSE, QC_TRUE, derivative_path
+from brainage_bids.group.level import build_group, run_group
+from brainage_bids.group.records import GroupError, load_card
 from brainage_bids.templates import template_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,7 +246,7 @@ def test_a_rescanned_participant_beside_single_runs(study):
 
 
 def test_a_record_with_a_malformed_run_or_session_is_named(study):
-    from brainage_bids.group import record_problem
+    from brainage_bids.group.records import record_problem
 
     good = json.loads(next(study.output_dir.glob("sub-01/anat/*_brainage.json")).read_text())
     assert record_problem(good) is None
@@ -276,7 +270,7 @@ def test_participants_columns_never_clash(study):
 
 
 def test_images_without_a_record_are_named(study):
-    from brainage_bids.group import group_errors
+    from brainage_bids.group.level import group_errors
 
     (study.output_dir / "sub-02" / "anat" / "sub-02_brainage.json").unlink()
     _, sidecar = build_group(study)
@@ -349,7 +343,7 @@ def test_reference_group_fitting(study):
 def test_methods_text_names_the_records_model_with_a_reference(study, tmp_path):
     """--bias-reference needs no card for the fits, but the methods must still name the model
     that made the records: --model's card when it matches them, else what the records say."""
-    from brainage_bids.group import group_methods_text
+    from brainage_bids.group.level import group_methods_text
 
     settings = replace(study, bias_reference="group=control")
     _, sidecar = build_group(settings)
@@ -472,7 +466,8 @@ def test_unfitted_card_coefficients_fall_back_to_this_group(study, tmp_path):
 def test_small_reference_groups_and_flat_cole_slopes_are_warned_about(caplog):
     import pandas as pd
 
-    from brainage_bids.group import ADVISED_FIT, bias_coefficients
+    from brainage_bids.group.correction import bias_coefficients
+    from brainage_bids.metrics import ADVISED_FIT
 
     age = np.linspace(20, 80, 10)
     table = pd.DataFrame({"age": age, "predicted_age": 0.3 * age + 35.0, "qc_pass": QC_TRUE})
@@ -499,7 +494,7 @@ def test_card_coefficients_fitted_on_few_images_are_warned_about(caplog):
     a reference group replaces the card's fit, so then there is nothing to warn about."""
     import pandas as pd
 
-    from brainage_bids.group import bias_coefficients
+    from brainage_bids.group.correction import bias_coefficients
     from brainage_bids.model.weights import read_card
 
     models = Path(__file__).resolve().parents[1] / "brainage_bids" / "data" / "models"

@@ -19,7 +19,7 @@ import pytest
 from brainage_bids.bids import collect_t1w, load_layout
 from brainage_bids.citation import participant_methods
 from brainage_bids.derivatives import derivative_path
-from brainage_bids.group import build_group
+from brainage_bids.group.level import build_group
 from brainage_bids.reports.render import write_group_report, write_participant_reports
 from tests.conftest import read_json as read_card
 from tests.test_group import MNI, PEOPLE, XSS, build_study, write_card
@@ -205,7 +205,7 @@ def test_group_labels_are_drawn_as_written_not_as_mathtext():
 
 
 def test_reports_do_not_import_the_group_level():
-    """render.py and group.py imported each other; the report must stand on its own."""
+    """render.py and the group level imported each other; the report must stand on its own."""
     code = ("import sys, brainage_bids.reports.render; "
             "sys.exit('brainage_bids.group' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -87,7 +87,7 @@ def _main(argv: list[str] | None) -> int:
         if settings.analysis_level == "participant":
             return run_participant(settings)
         if settings.analysis_level == "group":
-            from brainage_bids.group import run_group
+            from brainage_bids.group.level import run_group
 
             return run_group(settings)
         return run_train(settings)
