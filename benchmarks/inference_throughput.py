@@ -76,7 +76,7 @@ def _inputs(n: int):
 def _model(kind: str, spec: str | None):
     import torch
 
-    from brainage_bids.model.train import initialise_weights
+    from brainage_bids.model.step import initialise_weights
     from brainage_bids.model.weights import build_model, load_model
 
     if spec:

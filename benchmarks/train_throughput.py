@@ -9,7 +9,7 @@ Variants:
     plain           the textbook BrainAgeNet (its attention as one ``Conv3d(2, 1, 7)``),
                     torch's default init, default memory format, tensors in memory,
                     ``zero_grad()``, mean L1 loss, Adam.
-    engine          the engine's step (``brainage_bids.model.train.train_step``) with its
+    engine          the engine's step (``brainage_bids.model.step.train_step``) with its
                     default settings, fed by its batch pipeline, no augmentation.
     engine-MOD...   the engine with modifiers, e.g. ``engine-aug`` (default augmentation:
                     its cost), ``engine-contiguous`` (no channels_last_3d),
@@ -116,23 +116,25 @@ def _engine(variant: str, batch: int, steps: int, warmup: int,
     import numpy as np
     import torch
 
-    from brainage_bids.model import train as engine
     from brainage_bids.model.data import Augmenter, VolumeCache
     from brainage_bids.model.distributed import DistEnv
+    from brainage_bids.model.step import epoch_batches, initialise_weights, train_step
+    from brainage_bids.model.train import tune_malloc
+    from brainage_bids.model.train_config import TrainConfig
+    from brainage_bids.model.weights import build_model
 
     overrides: dict[str, object] = {"augment": False}
     for token in variant.split("-")[1:]:
         overrides.update(MODIFIERS[token])
     if "textbook" in variant.split("-"):
         use_textbook_blocks()
-    config = engine.TrainConfig(batch_size=batch, num_threads=torch.get_num_threads(),
-                                **overrides)
+    config = TrainConfig(batch_size=batch, num_threads=torch.get_num_threads(), **overrides)
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     env = DistEnv(0, 1, 0, device, False)
     if config.tune_malloc:
-        engine.tune_malloc()
+        tune_malloc()
     volume = _template_volume()
     n_items = batch * 2
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,8 +148,8 @@ def _engine(variant: str, batch: int, steps: int, warmup: int,
         cache = VolumeCache(path)
         ages = np.linspace(20, 80, n_items).astype(np.float32)
         torch.manual_seed(0)
-        model = engine.build_model({"name": config.architecture})
-        engine.initialise_weights(model, config.init, float(ages.mean()))
+        model = build_model({"name": config.architecture})
+        initialise_weights(model, config.init, float(ages.mean()))
         model.to(device)
         if config.channels_last:
             model.to(memory_format=torch.channels_last_3d)
@@ -159,8 +161,8 @@ def _engine(variant: str, batch: int, steps: int, warmup: int,
         epoch = 0
         start, start_cpu, faults = time.perf_counter(), time.process_time(), _faults()
         while len(times) < warmup + steps:
-            for item in engine.epoch_batches(config, env, cache, ages, epoch, augmenter):
-                engine.train_step(model, optimizer, item, config, env)
+            for item in epoch_batches(config, env, cache, ages, epoch, augmenter):
+                train_step(model, optimizer, item, config, env)
                 _sync(device)
                 now, now_cpu, now_faults = time.perf_counter(), time.process_time(), _faults()
                 times.append(now - start)  # includes any batch preparation not overlapped

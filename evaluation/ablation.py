@@ -40,7 +40,8 @@ import numpy as np
 
 from brainage_bids import evaluation as ev
 from brainage_bids.metrics import regression_metrics
-from brainage_bids.model.train import TrainConfig, TrainItem, train_model
+from brainage_bids.model.train import train_model
+from brainage_bids.model.train_config import TrainConfig, TrainItem
 from brainage_bids.model.weights import (
     ModelError,
     count_parameters,

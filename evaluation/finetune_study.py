@@ -46,7 +46,8 @@ from brainage_bids import evaluation as ev
 from brainage_bids.io import sha256_file
 from brainage_bids.metrics import apply_bias, fit_bias, regression_metrics
 from brainage_bids.model.ensemble import members_of
-from brainage_bids.model.train import TrainConfig, TrainItem, split_stratified, train_model
+from brainage_bids.model.train import train_model
+from brainage_bids.model.train_config import TrainConfig, TrainItem, split_stratified
 from brainage_bids.model.weights import load_model, read_card, resolve_model
 
 HERE = Path(__file__).resolve().parent

@@ -18,7 +18,7 @@ from brainage_bids.model.cv import OOF_COLUMNS, plan_members, split_kfold, train
 from brainage_bids.model.ensemble import BrainAgeEnsemble
 from brainage_bids.model.net import BrainAgeNet
 from brainage_bids.model.predict import predict_age, predict_brain_age
-from brainage_bids.model.train import TrainItem
+from brainage_bids.model.train_config import TrainItem
 from brainage_bids.model.uncertainty import calibrated_sd, coverage, fit_scale
 from brainage_bids.model.weights import count_parameters, load_model
 from tests.test_train import SHAPE, _config, _make_items

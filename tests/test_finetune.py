@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from brainage_bids.cli.parser import FINETUNE_DEFAULTS, UsageError, parse_settings
 from brainage_bids.cli.run import main
-from brainage_bids.model.train import split_stratified, train_model
+from brainage_bids.model.train import train_model
+from brainage_bids.model.train_config import split_stratified
 from tests.test_train import _config, _make_items
 
 

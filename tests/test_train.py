@@ -26,7 +26,9 @@ from scipy import ndimage
 import brainage_bids
 from brainage_bids.io import sha256_file
 from brainage_bids.model import data as data_module
+from brainage_bids.model import step as step_module
 from brainage_bids.model import train as train_module
+from brainage_bids.model.checkpoint import checkpoint_path
 from brainage_bids.model.data import (
     AUGMENTATION,
     AUGMENTATION_V1,
@@ -35,14 +37,9 @@ from brainage_bids.model.data import (
     build_cache,
 )
 from brainage_bids.model.distributed import DistEnv, shard
-from brainage_bids.model.train import (
-    METRIC_COLUMNS,
-    TrainConfig,
-    TrainItem,
-    checkpoint_path,
-    split_stratified,
-    train_model,
-)
+from brainage_bids.model.train import train_model
+from brainage_bids.model.train_config import TrainConfig, TrainItem, split_stratified
+from brainage_bids.model.train_record import METRIC_COLUMNS
 from brainage_bids.model.weights import load_model
 
 REPO = Path(brainage_bids.__file__).resolve().parents[1]
@@ -459,7 +456,7 @@ def test_kl_loss_per_sample_matches_the_reference_mean():
     model = SFCN()
     log_probs = torch.log_softmax(torch.randn(5, model.n_bins), dim=1)
     ages = torch.tensor([[21.0], [37.5], [50.0], [66.2], [93.0]])
-    per_sample = train_module._per_sample_loss("kl", log_probs, ages, model.bin_centers)
+    per_sample = step_module._per_sample_loss("kl", log_probs, ages, model.bin_centers)
     assert per_sample.shape == (5, 1) and bool((per_sample >= 0).all())
     expected = soft_label_loss(log_probs, ages, model.bin_centers)
     assert float(per_sample.mean()) == pytest.approx(float(expected), rel=1e-6)
