@@ -194,6 +194,18 @@ def _wait_until_working(proc: subprocess.Popen, out: Path, *, workers: int,
     pytest.fail("the participant level did not start its workers in time")
 
 
+def _wait_for_a_finished_step(proc: subprocess.Popen, work: Path, *,
+                              timeout: float = 240) -> None:
+    """Until a node of the workflow has written its result file."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if next(work.rglob("result_*.pklz"), None) is not None:
+            return
+        time.sleep(0.2)
+    pytest.fail("no workflow step finished in time")
+
+
 def _stop_and_check(proc: subprocess.Popen, out: Path, sig: int, *, group: bool) -> str:
     """Send ``sig``; check the exit code, the one line, and that no process survives."""
     tree = descendants([proc.pid])
@@ -226,7 +238,7 @@ def test_sigterm_stops_everything_and_a_rerun_resumes_to_the_same_prediction(
                    "IXI013", "-w", str(work), "--nprocs", "2", "--omp-nthreads", "1"])
     try:
         _wait_until_working(proc, out, workers=2)
-        time.sleep(3)  # into preprocessing
+        _wait_for_a_finished_step(proc, work)  # into preprocessing, however busy the machine
         _stop_and_check(proc, out, signal.SIGTERM, group=False)
     finally:
         with contextlib.suppress(ProcessLookupError):

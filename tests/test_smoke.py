@@ -97,7 +97,7 @@ def test_logs_and_reports(participant_run):
     log = "".join(p.read_text() for p in logs.glob("brainage-*.log"))
     record = read_json(out / "sub-IXI012" / "anat" / "sub-IXI012_brainage.json")
     assert re.search(rf"\[1/1\] sub-IXI012: predicted age {record['predicted_age']:.1f} "
-                     r"\(age 38\.8\), \d+ s", log), log[-2000:]
+                     r"\(age 38\.8\), (\d+ h )?\d+ (s|min)", log), log[-2000:]
     citation = (logs / "CITATION.md").read_text()
     assert record["model"]["sha256"] in citation  # the group level wrote it last:
     assert "corrected for its dependence on age (Beheshti et al., 2019)" in citation
