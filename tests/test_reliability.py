@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -180,30 +181,32 @@ def _start(args: list[str], **kwargs) -> subprocess.Popen:
                             **kwargs)
 
 
-def _wait_until_working(proc: subprocess.Popen, out: Path, *, workers: int,
+def _wait_while_running(proc: subprocess.Popen, ready: Callable[[], bool], what: str, *,
                         timeout: float = 240) -> None:
-    """Until the log says the images run and their worker processes exist."""
+    """Until ``ready()``, failing the test if ``proc`` ends first or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
+        if ready():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{what} in time")
+
+
+def _wait_until_working(proc: subprocess.Popen, out: Path, *, workers: int) -> None:
+    """Until the log says the images run and their worker processes exist."""
+    def working() -> bool:
         log = "".join(p.read_text() for p in (out / "logs").glob("brainage-*.log"))
         # the forkserver and its image workers (and the resource tracker)
-        if "processing" in log and len(descendants([proc.pid])) >= workers + 1:
-            return
-        time.sleep(0.2)
-    pytest.fail("the participant level did not start its workers in time")
+        return "processing" in log and len(descendants([proc.pid])) >= workers + 1
+
+    _wait_while_running(proc, working, "the participant level did not start its workers")
 
 
-def _wait_for_a_finished_step(proc: subprocess.Popen, work: Path, *,
-                              timeout: float = 240) -> None:
+def _wait_for_a_finished_step(proc: subprocess.Popen, work: Path) -> None:
     """Until a node of the workflow has written its result file."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        if next(work.rglob("result_*.pklz"), None) is not None:
-            return
-        time.sleep(0.2)
-    pytest.fail("no workflow step finished in time")
+    _wait_while_running(proc, lambda: next(work.rglob("result_*.pklz"), None) is not None,
+                        "no workflow step finished")
 
 
 def _stop_and_check(proc: subprocess.Popen, out: Path, sig: int, *, group: bool) -> str:
