@@ -202,11 +202,9 @@ def train_model(config: TrainConfig, train_items: Sequence[TrainItem],
     env = setup_distributed(config)
     try:
         with _torch_settings(config, env):
-            # The last collective is _train's barrier, whose tensors torch makes in C++.
-            # A final collective on Python tensors (a broadcast of the card) could leave a
-            # gloo worker thread to free them during interpreter exit, which aborts the
-            # process after a finished run (SIGABRT, 'terminate called without an active
-            # exception'; 2 of 35 runs of the two-rank test failed so, 0 of 120 since).
+            # No collective after _train's barrier: one on Python tensors (a broadcast of
+            # the card) can leave a gloo thread freeing them during interpreter exit, which
+            # aborts a finished run (SIGABRT).
             return _train(config, env, train_items, val_items, out_dir, work_dir, resume,
                           progress, card_extra, init_state, finish)
     finally:
