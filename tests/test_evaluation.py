@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 from pathlib import Path
 
@@ -195,6 +196,47 @@ def test_ablation_summary_gives_mean_and_spread_over_seeds():
     assert rows[1]["mae_sd"] is None
     text = ablation.table(rows)
     assert "6.00 ± 1.41" in text and "SFCN (Peng et al. 2021)" in text
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # constant gaps: r is NaN
+def test_seed_vs_fold_averages_members_and_every_equal_sized_choice_of_folds():
+    svf = _script("seed_vs_fold")
+    age = np.array([20.0, 40.0, 60.0, 80.0])
+    folds = np.array([age + 2, age - 2, age + 4, age - 4, age + 6])  # members x participants
+    seeds = np.array([age + 1, age + 3, age + 5])
+    report = svf.compare(age, folds, seeds)
+    assert report["seed_ensemble"]["mae"] == pytest.approx(3.0)  # the mean of the members
+    assert report["fold_ensemble"]["mae"] == pytest.approx(1.2)
+    subsets = report["fold_subsets"]
+    assert subsets["size"] == 3 and subsets["count"] == 10  # every 3 of 5, none picked
+    expected = np.mean([abs(np.mean(c)) for c in itertools.combinations([2, -2, 4, -4, 6], 3)])
+    assert subsets["mean"]["mae"] == pytest.approx(expected)
+    assert subsets["min_mae"] == pytest.approx(0.0) and subsets["max_mae"] == pytest.approx(4.0)
+    diff = report["paired_mae_difference"]["seed_minus_fold_ensemble"]
+    assert diff["mean"] == pytest.approx(1.8) and diff["se"] == pytest.approx(0.0)
+    assert report["seed_ensemble"]["mean_member_sd"] == pytest.approx(2.0)
+    assert [m["mae"] for m in report["single_seed_members"]] == pytest.approx([1, 3, 5])
+    assert "mean of 10" in svf.table(report)
+
+
+def test_seed_vs_fold_refuses_networks_that_are_not_what_it_compares():
+    svf = _script("seed_vs_fold")
+    split = json.loads((REPO / "evaluation" / "ixi_split.json").read_text())
+    v2 = json.loads((REPO / "brainage_bids/data/models/ixi-2mm-v2.json").read_text())
+    member = json.loads((REPO / "training-runs/ixi-2mm-v2/members/ixi-2mm-v2-m0.json")
+                        .read_text())
+    test = svf.check_networks(v2, [member, member], split)
+    assert sorted(test) == sorted(s.removeprefix("sub-") for s in split["test"])
+    other = json.loads((REPO / "training-runs/ixi-2mm-v2/members/ixi-2mm-v2-m1.json")
+                       .read_text())
+    with pytest.raises(ValueError, match="one split"):
+        svf.check_networks(v2, [member, other], split)
+    with pytest.raises(ValueError, match="cross-validated ensemble"):
+        svf.check_networks(member, [member, member], split)
+    leaked = {**member, "training_data": {**member["training_data"],
+              "train_ids": member["training_data"]["train_ids"] + [split["test"][0]]}}
+    with pytest.raises(ValueError, match="test participants were used"):
+        svf.check_networks(v2, [leaked, leaked], split)
 
 
 def test_ablation_keeps_recorded_runs_and_writes_each_new_one_at_once(tmp_path, monkeypatch):
