@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -76,12 +77,33 @@ def _report_done(job: ReportJob, future: Future) -> None:
                     str(err).splitlines()[0] if str(err) else type(err).__name__)
 
 
+def describe_preprocessed(output_dir: Path, image: T1wImage) -> str:
+    """``sub-X: preprocessed``: the progress line of an image run without a model."""
+    return f"{image.name}: preprocessed"
+
+
+def preprocess_cohort(settings: Settings, images: Sequence[T1wImage],
+                      workflow_args: dict[str, Any]) -> dict[str, str]:
+    """The train level's preprocessing: the participant level's queue, without a model.
+
+    Images finish one after another with a progress line each, as in the participant level
+    (one nipype graph of every image would show nothing for most of a cohort's run); no
+    reports are rendered. Returns ``{image node name: one-line error}`` of the failures.
+    """
+    failures, _ = run_cohort(replace(settings, reports=False), images,
+                             workflow_args={**workflow_args, "model": None}, methods=None,
+                             describe=describe_preprocessed)
+    return failures
+
+
 def run_cohort(settings: Settings, images: Sequence[T1wImage], *,
                workflow_args: dict[str, Any], methods: Methods | None,
+               describe: Callable[[Path, T1wImage], str] = describe_image,
                ) -> tuple[dict[str, str], dict[str, str]]:
     """Run every image, reporting each as it finishes; return ``(failures, crash files)``.
 
-    Both map an image's node name to its one-line error and to its crash file.
+    Both map an image's node name to its one-line error and to its crash file. ``describe``
+    gives a finished image's progress line.
     """
     from brainage_bids.validation import screen_images
     from brainage_bids.workflows.outputs import (
@@ -98,8 +120,10 @@ def run_cohort(settings: Settings, images: Sequence[T1wImage], *,
                      nipype_to_terminal=settings.verbose >= 2) for image in usable]
     workers = image_workers(nprocs=settings.nprocs, omp_nthreads=settings.omp_nthreads,
                             mem_gb=settings.mem_gb)
-    LOG.info("processing %d image(s), %d at a time, each preprocessed on 1 thread and "
-             "predicted on %d%s", len(jobs), workers, settings.omp_nthreads,
+    predicted = (f" and predicted on {settings.omp_nthreads}"
+                 if workflow_args.get("model") is not None else "")
+    LOG.info("processing %d image(s), %d at a time, each preprocessed on 1 thread%s%s",
+             len(jobs), workers, predicted,
              f" ({len(rejected)} more cannot be opened)" if rejected else "")
     progress = Progress(len(images), logger=LOG)
     failures: dict[str, str] = {}
@@ -108,7 +132,7 @@ def run_cohort(settings: Settings, images: Sequence[T1wImage], *,
     def finished(result: ImageResult) -> None:
         image = result.image
         if result.ok:
-            progress.advance(describe_image(settings.output_dir, image),
+            progress.advance(describe(settings.output_dir, image),
                              seconds=result.seconds)
             return
         failures[image.node_name] = result.error or "failed"

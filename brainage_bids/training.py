@@ -81,10 +81,12 @@ def ensure_preprocessed(settings: Settings, images: list[T1wImage],
                         execute: Callable) -> tuple[list[T1wImage], dict[str, str]]:
     """Run participant-level preprocessing where its outputs are missing.
 
-    Returns the images that have both outputs, and ``{image: error}`` for those that failed.
+    ``execute(settings, images, workflow_args)`` runs the images' preprocessing-only
+    workflows and returns ``{image node name: error}`` of the failures
+    (:func:`brainage_bids.cohort.preprocess_cohort`). Returns the images that have both
+    outputs, and ``{image: error}`` for those that failed.
     """
     from brainage_bids.validation import screen_images
-    from brainage_bids.workflows.participant import init_participant_wf
     from brainage_bids.workflows.preproc import backend_mismatch, resolve_backend
 
     todo = [im for im in images
@@ -99,11 +101,9 @@ def ensure_preprocessed(settings: Settings, images: list[T1wImage],
             LOG.warning("%s", warning)
         LOG.info("preprocessing %d image(s) with the %s backend (%d already done)",
                  len(missing), backend, len(images) - len(todo))
-        workflow = init_participant_wf(
-            images=missing, bids_dir=settings.bids_dir, output_dir=settings.output_dir,
-            work_dir=settings.work_dir, backend=backend, omp_nthreads=settings.omp_nthreads,
-            model=None)
-        failed = execute(workflow, settings)
+        failed = execute(settings, missing, dict(
+            bids_dir=settings.bids_dir, output_dir=settings.output_dir, backend=backend,
+            omp_nthreads=settings.omp_nthreads, model=None))
         failures.update({im.name: failed.get(im.node_name) or failed.get("*", "")
                          for im in missing if im.node_name in failed or "*" in failed})
         if failed and int(os.environ.get("WORLD_SIZE", "1")) > 1:

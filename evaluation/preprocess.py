@@ -13,7 +13,8 @@ from __future__ import annotations
 import sys
 
 from brainage_bids.cli.parser import UsageError, parse_settings
-from brainage_bids.cli.run import execute, select_images
+from brainage_bids.cli.run import select_images
+from brainage_bids.cohort import preprocess_cohort
 from brainage_bids.training import ensure_preprocessed
 
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preprocess: {exc}", file=sys.stderr)
         return 2
     images = select_images(settings)
-    done, failures = ensure_preprocessed(settings, images, execute)
+    done, failures = ensure_preprocessed(settings, images, preprocess_cohort)
     for name, error in failures.items():
         print(f"preprocess: {name}: {error}", file=sys.stderr)
     print(f"{len(done)} of {len(images)} image(s) preprocessed in {settings.output_dir}")

@@ -274,6 +274,10 @@ def test_train_level_folds_on_real_heads(tmp_path):
     assert len(oof) == 1 + 6
     assert sorted(r.split("\t")[1] for r in oof[1:]) == sorted(labels)
     assert all((models / f"ens-m{i}_metrics.tsv").is_file() for i in range(3))
+    # preprocessing ran image by image, as the participant level's queue: a line as each ends
+    log = "".join(p.read_text() for p in (out / "logs").glob("brainage-*.log"))
+    assert all(f"sub-{label}: preprocessed" in log for label in labels)
+    assert "[6/6]" in log and not list(out.glob("*.html"))  # and no participant reports
     # the derivatives hold the native brain, so the OOF predictions and the card use grid jitter
     jitter = card["inference"]["grid_jitter"]
     assert jitter["n"] == 8 and {"oof_mae_with", "oof_mae_without"} <= set(jitter)

@@ -523,8 +523,8 @@ def test_a_failed_preprocessing_under_torchrun_stops_rank_0(tmp_path, monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(TrainDataError, match=r"1 image\(s\) failed preprocessing \(e\.g\. "
                                              r"sub-01: boom\); under torchrun"):
-        ensure_preprocessed(settings, [image], lambda wf, s: {image.node_name: "boom"})
+        ensure_preprocessed(settings, [image], lambda s, images, args: {image.node_name: "boom"})
     monkeypatch.setenv("WORLD_SIZE", "1")  # alone, the image is skipped and named
     done, failures = ensure_preprocessed(settings, [image],
-                                         lambda wf, s: {image.node_name: "boom"})
+                                         lambda s, images, args: {image.node_name: "boom"})
     assert done == [] and failures == {"sub-01": "boom"}

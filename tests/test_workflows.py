@@ -10,7 +10,7 @@ import pytest
 
 from brainage_bids.bids import collect_t1w, load_layout
 from brainage_bids.templates import template_path
-from brainage_bids.workflows.participant import init_participant_wf, init_single_t1w_wf
+from brainage_bids.workflows.participant import init_single_t1w_wf
 from brainage_bids.workflows.preproc import (
     BackendError,
     init_fsl_wf,
@@ -89,14 +89,13 @@ def test_preproc_wf_exposes_the_model_inputs(backend):
     assert "validate" in wf.list_node_names()
 
 
-def test_participant_wf_one_subworkflow_per_image(sample_bids, tmp_path):
+def test_one_workflow_per_image_and_no_prediction_without_a_model(sample_bids, tmp_path):
     images = collect_t1w(load_layout(sample_bids))
-    wf = init_participant_wf(images=images, bids_dir=sample_bids, output_dir=tmp_path / "out",
-                             work_dir=tmp_path / "work", backend="ants", omp_nthreads=1,
-                             model="default")
-    names = wf.list_node_names()
-    for image in images:
-        assert any(n.startswith(f"t1w_{image.node_name}_wf.") for n in names)
+    for image in images:  # the work dir's cache is keyed by this name (scheduler.BASE_NAME)
+        wf = init_single_t1w_wf(image=image, bids_dir=sample_bids, output_dir=tmp_path / "out",
+                                backend="ants", omp_nthreads=1, model="default")
+        assert wf.name == f"t1w_{image.node_name}_wf"
+        assert any("predict" in n for n in wf.list_node_names())
     single = init_single_t1w_wf(image=images[0], bids_dir=sample_bids,
                                 output_dir=tmp_path / "out", backend="ants", omp_nthreads=1,
                                 model=None)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from brainage_bids.cli.parser import UsageError, parse_settings
@@ -184,21 +183,6 @@ def run_participant(settings: Settings) -> int:
     return EXIT_FAILURE if summary["failed"] else EXIT_OK
 
 
-def execute(workflow, settings: Settings) -> dict[str, str]:
-    """Run a nipype workflow; return ``{image node name: first error line}`` of failures."""
-    from brainage_bids.workflows.execution import collect_failures, run_workflow
-
-    started = time.time()
-    crash_dir = settings.logs_dir / "crashes"
-    ok = run_workflow(workflow, crash_dir=crash_dir, nprocs=settings.nprocs,
-                      mem_gb=settings.mem_gb,
-                      log_level="INFO" if settings.verbose >= 2 else "WARNING")
-    failures = {} if ok else collect_failures(crash_dir, since=started)
-    if not ok and not failures:
-        failures = {"*": "the workflow failed; see the log in " + str(settings.logs_dir)}
-    return failures
-
-
 def summarise_participants(images, settings: Settings, failures: dict[str, str],
                            crashes: dict[str, str] | None = None) -> dict:
     """Recap the failures, write ``logs/summary-<uuid>.json``, count failures."""
@@ -240,6 +224,7 @@ def summarise_participants(images, settings: Settings, failures: dict[str, str],
 
 def run_train(settings: Settings) -> int:
     from brainage_bids.bids import write_dataset_description
+    from brainage_bids.cohort import preprocess_cohort
     from brainage_bids.metrics import card_fit_warning
     from brainage_bids.model.predict import resolve_device
     from brainage_bids.training import train_from_bids
@@ -249,7 +234,7 @@ def run_train(settings: Settings) -> int:
     settings = with_threads(settings, len(images))
     write_settings(settings)  # again, with the threads decided for these images
     write_dataset_description(settings.output_dir, settings.bids_dir)
-    card = train_from_bids(settings, images, execute=execute)
+    card = train_from_bids(settings, images, execute=preprocess_cohort)
     if not card:  # an ensemble under torchrun, on a rank other than 0: rank 0 writes it
         return EXIT_OK
     LOG.info("model written: %s (validation MAE %.2f years)",

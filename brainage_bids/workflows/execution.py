@@ -2,7 +2,7 @@
 
 nipype reports a failed node with its own multi-line dump and traceback. Those belong in the
 run's log file and in the crash file; the terminal gets one line per image
-(:func:`route_nipype_logging`, and :func:`collect_failures` for the line itself).
+(:func:`route_nipype_logging`, and :func:`collect_crashes` for the line itself).
 """
 
 from __future__ import annotations
@@ -140,11 +140,6 @@ def collect_crashes(crash_dir: Path, *, since: float) -> dict[str, tuple[str, Pa
         key = match.group("image") if match else "*"
         crashes.setdefault(key, (error_line(text), crash))
     return crashes
-
-
-def collect_failures(crash_dir: Path, *, since: float) -> dict[str, str]:
-    """``{image node name: error line}`` from the nipype crash files written since ``since``."""
-    return {key: error for key, (error, _) in collect_crashes(crash_dir, since=since).items()}
 
 
 _ERRNO = re.compile(r"^\[Errno (?P<code>\d+)\] (?P<text>[^:]+?)(?:: '(?P<path>.*)')?$")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 from nipype.interfaces import utility as niu
@@ -67,19 +66,4 @@ def init_single_t1w_wf(*, image: T1wImage, bids_dir: Path, output_dir: Path, bac
         if attention:
             edges.append((predict, sinks, [("out_attention", "inputnode.attention")]))
     workflow.connect(edges)
-    return workflow
-
-
-def init_participant_wf(*, images: Sequence[T1wImage], bids_dir: Path, output_dir: Path,
-                        work_dir: Path, backend: str, omp_nthreads: int, model: str | None,
-                        device: str = "auto", mc_samples: int = 20, seed: int = 42,
-                        gradcam: bool = True, attention: bool = True,
-                        name: str = "brainage_wf") -> pe.Workflow:
-    """All selected images side by side, so MultiProc runs them in parallel."""
-    workflow = pe.Workflow(name=name, base_dir=str(work_dir))
-    for image in images:
-        workflow.add_nodes([init_single_t1w_wf(
-            image=image, bids_dir=bids_dir, output_dir=output_dir, backend=backend,
-            omp_nthreads=omp_nthreads, model=model, device=device, mc_samples=mc_samples,
-            seed=seed, gradcam=gradcam, attention=attention)])
     return workflow
