@@ -32,13 +32,30 @@ MIN_FIT_POINTS = 3
 #: each of 10, 20 and 40 IXI participants, the de Lange & Cole slope ranged 0.19-0.49,
 #: 0.47-0.70 and 0.60-0.64 (docs/fine-tuning.md), so fits on fewer are warned about.
 ADVISED_FIT = 40
+#: A de Lange & Cole slope (predicted on chronological age, held out) below this means the
+#: predictions barely follow age: networks still on the mean-age plateau had 0.001-0.01
+#: (a 2-epoch ensemble, the ablation's plateau run), v1 and v2 0.70-0.72. The correction
+#: divides by it, multiplying every error by more than 5.
+MIN_COLE_SLOPE = 0.2
 
 
 def card_fit_warning(card: dict[str, Any]) -> str | None:
-    """One line when a model card's bias coefficients were fitted on fewer than
-    :data:`ADVISED_FIT` images (a small validation split, or fine-tuning on a few controls);
-    None when they were not, or when the card has none."""
+    """One line when a model card's bias coefficients cannot be trusted; None otherwise.
+
+    Either its held-out predictions barely follow age (de Lange & Cole slope below
+    :data:`MIN_COLE_SLOPE`: a model that has not learned, e.g. trained for 2 epochs), or the
+    coefficients were fitted on fewer than :data:`ADVISED_FIT` images (a small validation
+    split, or fine-tuning on a few controls). None, too, when the card has none.
+    """
     bias = card.get("bias_correction") or {}
+    slope = (bias.get("cole") or {}).get("slope") if isinstance(bias.get("cole"), dict) else None
+    if isinstance(slope, (int, float)) and slope < MIN_COLE_SLOPE:
+        return (f"model {card.get('name')}: its held-out predictions barely follow age (de "
+                f"Lange & Cole slope {slope:.3f} on "
+                f"{bias.get('fitted_on', 'held-out predictions')}): it predicts nearly one "
+                "age for everyone, as a network that has not left the mean-age plateau does "
+                "(too few epochs?); its bias-corrected gaps are meaningless and its "
+                "uncorrected ones mostly each age's distance from the training mean")
     sizes = [entry.get("n") for entry in bias.values()
              if isinstance(entry, dict) and isinstance(entry.get("n"), int)]
     if not sizes or min(sizes) >= ADVISED_FIT:

@@ -175,3 +175,18 @@ def test_card_fit_warning_names_the_smallest_fit():
     assert card_fit_warning(card) is None
     assert card_fit_warning({"name": "x"}) is None
     assert card_fit_warning({"bias_correction": {"cole": {"error": "too few"}}}) is None
+
+
+def test_card_fit_warning_names_a_model_that_has_not_learned():
+    """A 2-epoch ensemble's out-of-fold predictions: one age for all, Cole slope 0.0014."""
+    from brainage_bids.metrics import MIN_COLE_SLOPE, card_fit_warning
+
+    card = {"name": "quick", "bias_correction": {
+        "fitted_on": "out-of-fold predictions", "beheshti": {"n": 150, "slope": -0.9986},
+        "cole": {"n": 150, "slope": 0.0014}}}
+    warning = card_fit_warning(card)
+    assert warning.startswith("model quick: its held-out predictions barely follow age (de "
+                              "Lange & Cole slope 0.001 on out-of-fold predictions)")
+    assert "bias-corrected gaps are meaningless" in warning
+    card["bias_correction"]["cole"]["slope"] = MIN_COLE_SLOPE  # v2's is 0.695
+    assert card_fit_warning(card) is None
