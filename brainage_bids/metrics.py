@@ -48,7 +48,8 @@ def card_fit_warning(card: dict[str, Any]) -> str | None:
     split, or fine-tuning on a few controls). None, too, when the card has none.
     """
     bias = card.get("bias_correction") or {}
-    slope = (bias.get("cole") or {}).get("slope") if isinstance(bias.get("cole"), dict) else None
+    cole = bias.get("cole")
+    slope = cole.get("slope") if isinstance(cole, dict) else None
     if isinstance(slope, (int, float)) and slope < MIN_COLE_SLOPE:
         return (f"model {card.get('name')}: its held-out predictions barely follow age (de "
                 f"Lange & Cole slope {slope:.3f} on "

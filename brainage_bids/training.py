@@ -104,8 +104,8 @@ def ensure_preprocessed(settings: Settings, images: list[T1wImage],
         failed = execute(settings, missing, dict(
             bids_dir=settings.bids_dir, output_dir=settings.output_dir, backend=backend,
             omp_nthreads=settings.omp_nthreads, model=None))
-        failures.update({im.name: failed.get(im.node_name) or failed.get("*", "")
-                         for im in missing if im.node_name in failed or "*" in failed})
+        failures.update({im.name: failed[im.node_name] for im in missing
+                         if im.node_name in failed})
         if failed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # the other ranks wait for every image's outputs: they would wait for a failed
             # one until their timeout. Stopping here ends the whole torchrun job at once.

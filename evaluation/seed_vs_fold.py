@@ -72,10 +72,8 @@ def scores(age: np.ndarray, pred: np.ndarray, member_preds: np.ndarray) -> dict:
     """Accuracy of one ensemble (``member_preds``: members x participants) on the test split."""
     metrics = regression_metrics(age, pred)
     err = np.abs(pred - age)
-    gap = pred - age
-    row = {"mae": metrics["mae"], "rmse": metrics["rmse"], "r": metrics["r"],
-           "r_gap_age": float(np.corrcoef(gap, age)[0, 1]), "max_error": float(err.max()),
-           "n_over_15": int((err > 15).sum())}
+    row = {**{key: metrics[key] for key in ("mae", "rmse", "r", "r_gap_age")},
+           "max_error": float(err.max()), "n_over_15": int((err > 15).sum())}
     if len(member_preds) > 1:
         spread = member_preds.std(axis=0, ddof=1)
         row["r_member_sd_abs_error"] = float(np.corrcoef(spread, err)[0, 1])
@@ -91,26 +89,27 @@ def paired_difference(err_a: np.ndarray, err_b: np.ndarray) -> dict:
 
 def compare(age: np.ndarray, fold_preds: np.ndarray, seed_preds: np.ndarray) -> dict:
     """Every comparison of the report from the networks' predictions (networks x participants)."""
-    k = len(fold_preds)
     n = len(seed_preds)
-    choices = [list(c) for c in itertools.combinations(range(k), n)]
-    subsets = [scores(age, fold_preds[c].mean(axis=0), fold_preds[c]) for c in choices]
-    seed_err = np.abs(seed_preds.mean(axis=0) - age)
-    subset_err = np.mean([np.abs(fold_preds[c].mean(axis=0) - age) for c in choices], axis=0)
+    choices = [list(c) for c in itertools.combinations(range(len(fold_preds)), n)]
+    subset_means = [fold_preds[c].mean(axis=0) for c in choices]
+    subsets = [scores(age, mean, fold_preds[c])
+               for mean, c in zip(subset_means, choices, strict=True)]
+    seed_mean, fold_mean = seed_preds.mean(axis=0), fold_preds.mean(axis=0)
+    seed_err = np.abs(seed_mean - age)
+    subset_err = np.mean([np.abs(mean - age) for mean in subset_means], axis=0)
     keys = [key for key in subsets[0] if key != "n_over_15"]
     return {
-        "seed_ensemble": scores(age, seed_preds.mean(axis=0), seed_preds),
+        "seed_ensemble": scores(age, seed_mean, seed_preds),
         "fold_subsets": {
             "size": n, "count": len(subsets),
             "mean": {key: float(np.mean([s[key] for s in subsets])) for key in keys},
             "min_mae": float(min(s["mae"] for s in subsets)),
             "max_mae": float(max(s["mae"] for s in subsets)),
         },
-        "fold_ensemble": scores(age, fold_preds.mean(axis=0), fold_preds),
+        "fold_ensemble": scores(age, fold_mean, fold_preds),
         "paired_mae_difference": {
             "seed_minus_fold_subsets": paired_difference(seed_err, subset_err),
-            "seed_minus_fold_ensemble": paired_difference(
-                seed_err, np.abs(fold_preds.mean(axis=0) - age)),
+            "seed_minus_fold_ensemble": paired_difference(seed_err, np.abs(fold_mean - age)),
         },
         "single_fold_members": [scores(age, p, p[None]) for p in fold_preds],
         "single_seed_members": [scores(age, p, p[None]) for p in seed_preds],
@@ -176,15 +175,16 @@ def main(argv: list[str] | None = None) -> int:
                  len(items), len(fold_members), len(seeds), jitter)
     rows = ev.predict_records(networks, items, mc_samples=1, flip_tta=True, jitter=jitter)
     preds = np.array([r["member_predictions"] for r in rows]).T  # networks x participants
+    fold_preds, seed_preds = preds[:len(fold_members)], preds[len(fold_members):]
     age = np.array([item.age for item in items])
-    report = compare(age, preds[:len(fold_members)], preds[len(fold_members):])
+    report = compare(age, fold_preds, seed_preds)
     print(table(report))
     if args.json:
         ev.write_json(args.json, {
             "fold_model": fold_card.get("name"), "seed_members": args.seed_members,
             "test_participants": [item.id for item in items], "ages": age.tolist(),
-            "predictions": {"fold_members": preds[:len(fold_members)].tolist(),
-                            "seed_members": preds[len(fold_members):].tolist()},
+            "predictions": {"fold_members": fold_preds.tolist(),
+                            "seed_members": seed_preds.tolist()},
             "flip_tta": True, "grid_jitter": jitter, "mc_samples": 1, **report})
     return 0
 
